@@ -62,7 +62,7 @@ def digest_size(alg: int) -> int:
     return HASH_ALGS[alg][1]
 
 
-def new_hash(alg: int) -> hashlib._Hash:  # type: ignore[name-defined]
+def new_hash(alg: int) -> hashlib._Hash:
     """A fresh hashlib object for a TPM hash algorithm (raises KeyError/ValueError if unsupported)."""
     return hashlib.new(HASH_ALGS[alg][2])
 

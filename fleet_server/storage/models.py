@@ -1,0 +1,187 @@
+"""Database tables (SQLModel): the single source of the schema. Rows never leave the storage layer: the
+repository (:mod:`fleet_server.storage.repo`) converts them to frozen dataclasses at the boundary.
+
+Conventions: times are integer milliseconds since the Unix epoch (``*_at``, ``*_ms``); JSON columns
+are canonical JSON text; byte columns hold public material only (certificates, public areas,
+nonces, digests, event logs). Secrets are never stored: an enrollment session keeps SHA-256 of the
+expected proof, not the credential secret; private keys live in files (0600), never here.
+
+Schema changes: edit this module, then add an Alembic revision under
+``fleet_server/migrations/versions`` (``tests/test_server_migrations.py`` fails while the migrated
+schema and these models differ).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlmodel import Field, SQLModel
+
+
+class DeviceState(StrEnum):
+    """Trust state of a device. Transitions are recorded in :class:`StateChange`."""
+
+    PENDING = "pending"            # enrolled (EK/AK proven) but awaiting an admin's approval
+    ENROLLED = "enrolled"          # admitted, not yet attested
+    TRUSTED = "trusted"            # latest evidence appraised good and fresh
+    UNTRUSTED = "untrusted"        # latest evidence appraised bad
+    UNREACHABLE = "unreachable"    # missed its challenges
+    REVOKED = "revoked"            # revoked by an admin: no challenges, no keys, until re-admitted
+    QUARANTINED = "quarantined"    # held by an admin for investigation: attested, but never trusted
+
+
+ATTESTED_STATES: frozenset[str] = frozenset({
+    DeviceState.ENROLLED, DeviceState.TRUSTED, DeviceState.UNTRUSTED, DeviceState.UNREACHABLE,
+    DeviceState.QUARANTINED,
+})
+"""States in which a device is challenged and its evidence appraised."""
+
+
+class ChallengeStatus(StrEnum):
+    """Life of a challenge: ``open`` until answered (``used``), past its deadline (``expired``) or
+    replaced by a newer challenge of the same device (``superseded``)."""
+
+    OPEN = "open"
+    USED = "used"
+    EXPIRED = "expired"
+    SUPERSEDED = "superseded"
+
+
+class Device(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=63)
+    state: str = Field(index=True, max_length=16)
+    device_class: str = Field(index=True, max_length=64)
+    firmware_version: str = Field(index=True, max_length=64)
+    ek_cert: bytes
+    ek_fingerprint: str = Field(unique=True, index=True, max_length=64)  # SHA-256 of the EK cert DER
+    ek_public: bytes
+    ak_public: bytes
+    ak_name: bytes
+    csr: bytes | None = None                                             # DER CSR kept until admitted
+    enroll_request_id: str | None = Field(default=None, max_length=32)   # request_id of the latest proof
+    cert_serial: str | None = Field(default=None, max_length=64)        # device MQTT cert serial (hex)
+    created_at: int
+    updated_at: int
+    state_changed_at: int
+    state_reasons: str = "[]"                                            # JSON list of strings
+    last_attestation_at: int | None = None
+    last_verdict: str | None = Field(default=None, max_length=16)
+    trusted_until: int | None = None                                     # expiry of the latest good result
+    next_attestation_at: int | None = Field(default=None, index=True)   # the re-attestation schedule
+    last_challenge_at: int | None = None                                 # rate limit of attest.request
+    missed_challenges: int = 0
+    # The appraised event log of the current boot (incremental re-attestation) and TPM clock state.
+    boot_reset_count: int | None = None
+    boot_restart_count: int | None = None
+    last_clock: int | None = None
+    held_log: bytes | None = None
+    held_log_sha256: bytes | None = None
+    last_pcrs: str | None = None                                         # JSON {bank: {pcr: hex}}
+    policy_id: int | None = Field(default=None, foreign_key="policy.id")  # policy of the latest appraisal
+
+
+class PreregisteredEk(SQLModel, table=True):
+    """EK certificates an admin registered in advance: such devices are admitted automatically."""
+
+    ek_fingerprint: str = Field(primary_key=True, max_length=64)
+    device_class: str | None = Field(default=None, max_length=64)
+    note: str = ""
+    created_at: int
+
+
+class EnrollmentSession(SQLModel, table=True):
+    """An enrollment in progress (between enroll.request and enroll.proof)."""
+
+    id: str = Field(primary_key=True, max_length=32)                    # request_id
+    device_id: str = Field(index=True, max_length=63)
+    proof_sha256: bytes                                                  # SHA-256 of the expected proof
+    ek_cert: bytes
+    ek_fingerprint: str = Field(default="", max_length=64)
+    ek_public: bytes
+    ak_public: bytes
+    csr: bytes
+    device_class: str = Field(max_length=64)
+    firmware_version: str = Field(max_length=64)
+    created_at: int
+    expires_at: int
+    status: str = Field(default="open", max_length=16)                  # open | done | failed | superseded
+
+
+class Challenge(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=32)
+    device_id: str = Field(index=True, max_length=63)
+    nonce: bytes
+    selection: str                                                       # JSON {bank: [pcr, ...]}
+    issued_at: int
+    deadline: int = Field(index=True)
+    status: str = Field(default="open", index=True, max_length=12)      # see ChallengeStatus
+    cause: str = Field(default="periodic", max_length=16)                # periodic | boot | reconnect | ...
+    log_offset: int = 0                                                  # held log bytes offered
+    log_sha256: bytes = b""                                              # SHA-256 of that prefix
+
+
+class Attestation(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True, max_length=63)
+    challenge_id: str = Field(max_length=32)
+    issued_at: int                                                       # challenge sent
+    received_at: int                                                     # evidence received
+    stored_at: int = Field(index=True)                                   # result stored
+    latency_ms: int = 0                                                  # stored_at - issued_at
+    verdict: str = Field(max_length=16)
+    reasons: str = "[]"
+    evidence_sha256: bytes
+    policy_id: int | None = None
+    reset_count: int | None = None
+    restart_count: int | None = None
+    clock: int | None = None
+
+
+class StateChange(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True, max_length=63)
+    at: int = Field(index=True)
+    from_state: str | None = Field(default=None, max_length=16)
+    to_state: str = Field(max_length=16)
+    cause: str
+
+
+class Policy(SQLModel, table=True):
+    """Reference values for a device class and firmware version."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=64)
+    device_class: str = Field(index=True, max_length=64)
+    firmware_version: str = Field(index=True, max_length=64)
+    reference: str                                                       # JSON, see appraisal.policy
+    reference_sha256: str = Field(default="", max_length=64)             # cache key of the parsed policy
+    selection: str = "{}"                                                # JSON {bank: [pcr, ...]} to quote
+    created_at: int
+    created_by: str = Field(default="", max_length=64)
+    active: bool = True
+
+
+class Counter(SQLModel, table=True):
+    """Monotonic counters flushed by workers (messages rejected, by reason), summed for /metrics."""
+
+    worker: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=96)
+    value: int = 0
+    updated_at: int = 0
+
+
+class Outbox(SQLModel, table=True):
+    """Signed messages to publish, written in the same transaction as the change that causes them.
+
+    Admin commands and the console do not talk MQTT: they write here, and any worker publishes
+    (at-least-once; agents de-duplicate by message id). A worker claims rows for a short lease
+    (``claimed_until``) so that several workers rarely publish the same row twice.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    topic: str = Field(max_length=256)
+    payload: bytes
+    created_at: int = Field(index=True)
+    sent_at: int | None = Field(default=None, index=True)
+    claimed_until: int | None = None
+    attempts: int = 0

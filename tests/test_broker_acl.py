@@ -1,0 +1,292 @@
+"""The fleet's Mosquitto broker: lifecycle, and what its TLS listener and ACL allow and refuse.
+
+Negative checks never wait for "nothing happened": after the forbidden action the test sends a
+*marker* message on the same path that is allowed, waits for it, and then asserts that the
+forbidden message did not arrive before it (the broker handles one client's packets in order).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import firmware_sim.broker as broker_mod
+from firmware_sim.broker import ACL, BrokerPki, MosquittoBroker
+from protocol import topics
+from protocol.errors import ProcessError, TransportError
+from protocol.mqtt import InboundMessage, MqttClient
+from protocol.topics import Subtree
+
+pytest.register_assert_rewrite("mqtt_fixtures")  # before the import below, which loads it first
+from mqtt_fixtures import (  # noqa: E402
+    WAIT,
+    ClientFactory,
+    Credentials,
+    RawClient,
+    probe_connect,
+    wait_until,
+)
+
+pytest_plugins = ("mqtt_fixtures",)
+pytestmark = pytest.mark.mqtt
+
+NOT_AUTHORIZED = 0x87
+
+
+def _until_marker(client: MqttClient, marker: str) -> list[InboundMessage]:
+    """Everything ``client`` receives up to and including the message on topic ``marker``."""
+    seen: list[InboundMessage] = []
+    while True:
+        msg = client.receive(WAIT)
+        assert msg is not None, f"marker {marker} never arrived; got {[m.topic for m in seen]}"
+        seen.append(msg)
+        if msg.topic == marker:
+            return seen
+
+
+def _raw_until_marker(raw: RawClient, marker: str) -> list[str]:
+    seen: list[str] = []
+    while True:
+        msg = raw.messages.get(timeout=WAIT)
+        seen.append(msg.topic)
+        if msg.topic == marker:
+            return seen
+
+
+@pytest.fixture
+def server(make_client: ClientFactory, credentials: Credentials) -> MqttClient:
+    """A fleet-server worker subscribed with the shared subscriptions."""
+    return make_client(credentials.server(), client_id="fleet-server-1",
+                       subscriptions=topics.server_subscriptions())
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+def test_generated_config_and_acl(mqtt_broker: MosquittoBroker, fleet_pki: BrokerPki) -> None:
+    conf = mqtt_broker.conf_path.read_text().splitlines()
+    for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username true",
+                 "persistence false", f"max_packet_size {broker_mod.DEFAULT_MAX_PACKET_SIZE}",
+                 f"listener {mqtt_broker.port} 127.0.0.1", f"acl_file {mqtt_broker.acl_path}",
+                 f"log_dest file {mqtt_broker.log_path}"):
+        assert line in conf
+    assert mqtt_broker.acl_path.read_text() == ACL
+    assert "user fleet-server\ntopic readwrite fleet/v1/#\n" in ACL
+    for pattern in ("pattern write fleet/v1/devices/%u/up/#", "pattern read fleet/v1/devices/%u/down/#",
+                    "pattern write fleet/v1/enroll/%u/up/#", "pattern read fleet/v1/enroll/%u/down/#"):
+        assert pattern in ACL.splitlines()
+    assert not any("readwrite" in ln for ln in ACL.splitlines() if ln.startswith("pattern"))
+    assert "running" in mqtt_broker.log_path.read_text()
+    assert stat.S_IMODE(os.stat(fleet_pki.broker_key).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(fleet_pki.ca_key).st_mode) == 0o600
+
+
+def test_stop_leaves_no_process(tmp_path: Path, fleet_pki: BrokerPki) -> None:
+    with MosquittoBroker.for_pki(tmp_path / "b", fleet_pki) as broker:
+        pid = broker.pid
+        assert pid is not None and broker.running
+    assert not broker.running and broker.port is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    broker.stop()  # idempotent
+
+
+def test_restart_keeps_the_port(mqtt_broker: MosquittoBroker) -> None:
+    port, pid = mqtt_broker.port, mqtt_broker.pid
+    mqtt_broker.restart()
+    assert mqtt_broker.port == port and mqtt_broker.running and mqtt_broker.pid != pid
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_missing_mosquitto_is_a_clear_error(tmp_path: Path, fleet_pki: BrokerPki,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_mod, "MOSQUITTO", str(tmp_path / "no-such-mosquitto"))
+    with pytest.raises(ProcessError, match="not installed"):
+        MosquittoBroker.for_pki(tmp_path / "b", fleet_pki).start()
+
+
+def test_startup_failure_reports_the_broker_log(tmp_path: Path, fleet_pki: BrokerPki) -> None:
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("not a key\n")
+    broker = MosquittoBroker(tmp_path / "b", fleet_pki.ca_cert, fleet_pki.broker_cert, bad_key)
+    with pytest.raises(ProcessError) as info:
+        broker.start(attempts=1)
+    # Mosquitto's own words about the cause, not a generic "exited".
+    assert "Unable to load server key file" in info.value.diagnostics()
+    assert not broker.running
+
+
+def test_start_retries_when_the_port_is_taken(tmp_path: Path, fleet_pki: BrokerPki,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process binds the chosen port first (the race free_port cannot exclude)."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports: Iterator[int] = iter([taken])
+        real_free_port = broker_mod.free_port
+        monkeypatch.setattr(broker_mod, "free_port", lambda host="127.0.0.1": next(ports, None)
+                            or real_free_port(host))
+        with MosquittoBroker.for_pki(tmp_path / "b", fleet_pki) as broker:
+            assert broker.port is not None and broker.port != taken
+            assert probe_connect(broker.port, fleet_pki.ca_cert, fleet_pki.server_cert,
+                                 fleet_pki.server_key) == "accepted"
+
+
+# -- authentication --------------------------------------------------------------------------------
+def test_only_fleet_ca_client_certificates_connect(mqtt_broker: MosquittoBroker, fleet_pki: BrokerPki,
+                                                   credentials: Credentials) -> None:
+    assert mqtt_broker.port is not None
+    device = credentials.device("dev-a")
+    # Positive control: the probe does connect with a proper certificate.
+    assert probe_connect(mqtt_broker.port, fleet_pki.ca_cert, device.cert, device.key) == "accepted"
+    assert probe_connect(mqtt_broker.port, fleet_pki.ca_cert).startswith("rejected")
+    forged = credentials.foreign_device("dev-a")
+    assert probe_connect(mqtt_broker.port, fleet_pki.ca_cert, forged.cert, forged.key).startswith("rejected")
+
+
+def test_mqtt_client_with_foreign_certificate_never_connects(make_client: ClientFactory,
+                                                             credentials: Credentials) -> None:
+    client = make_client(credentials.foreign_device("dev-a"), client_id="dev-a", connect=False)
+    wait_until(lambda: client.stats().connect_failures >= 2, what="two failed attempts")
+    assert client.stats().connects == 0 and not client.connected
+    assert client.last_error
+    with pytest.raises(TransportError, match="not connected"):
+        client.wait_connected(0.01)
+
+
+# -- authorization (ACL) ---------------------------------------------------------------------------
+def test_device_publishes_on_its_up_topic_and_server_receives(server: MqttClient, make_client: ClientFactory,
+                                                             credentials: Credentials) -> None:
+    device = make_client(credentials.device("dev-a"), client_id="dev-a")
+    handle = device.publish(topics.device_up("dev-a", "evidence"), b"quote")
+    handle.wait(WAIT)
+    assert handle.reason_code == 0
+    msg = server.receive(WAIT)
+    assert msg is not None and msg.payload == b"quote"
+    assert topics.parse_server_topic(msg.topic) == (Subtree.DEVICES, "dev-a", "evidence")
+
+
+def test_rsa_device_certificate_works(server: MqttClient, make_client: ClientFactory,
+                                      credentials: Credentials) -> None:
+    device = make_client(credentials.device("dev-r", use_rsa=True), client_id="dev-r")
+    device.publish(topics.device_up("dev-r", "evidence"), b"rsa").wait(WAIT)
+    msg = server.receive(WAIT)
+    assert msg is not None and msg.topic == topics.device_up("dev-r", "evidence")
+
+
+def test_device_cannot_publish_as_another_device(server: MqttClient, make_client: ClientFactory,
+                                                 credentials: Credentials) -> None:
+    device_a = make_client(credentials.device("dev-a"), client_id="dev-a")
+    forbidden = device_a.publish(topics.device_up("dev-b", "evidence"), b"spoofed")
+    with pytest.raises(TransportError, match="Not authorized"):
+        forbidden.wait(WAIT)
+    assert forbidden.reason_code == NOT_AUTHORIZED
+    assert device_a.stats().publish_refused == 1
+    marker = topics.device_up("dev-a", "marker")
+    device_a.publish(marker, b"").wait(WAIT)
+    assert [m.topic for m in _until_marker(server, marker)] == [marker]
+    assert device_a.connected  # a refused publish does not cost the connection
+
+
+def test_device_cannot_read_another_devices_down_topics(server: MqttClient, make_client: ClientFactory,
+                                                        credentials: Credentials,
+                                                        mqtt_broker: MosquittoBroker) -> None:
+    assert mqtt_broker.port is not None
+    device_b = make_client(credentials.device("dev-b"), client_id="dev-b",
+                           subscriptions=(topics.device_down_filter("dev-b"),))
+    with RawClient(mqtt_broker.port, credentials.device("dev-a"), "dev-a") as device_a:
+        # Mosquitto 2.0 grants the SUBACK but applies the read ACL to every delivery; a broker that
+        # refuses the subscription outright is just as good.
+        codes = [device_a.subscribe(f) for f in (topics.device_down_filter("dev-b"), "fleet/v1/#", "#")]
+        device_a.subscribe(topics.device_down_filter("dev-a"))
+        secret = topics.device_down("dev-b", "key")
+        server.publish(secret, b"wrapped key for b").wait(WAIT)
+        received_b = device_b.receive(WAIT)
+        assert received_b is not None and received_b.topic == secret  # it was delivered, to B only
+        marker = topics.device_down("dev-a", "marker")
+        server.publish(marker, b"").wait(WAIT)
+        seen = _raw_until_marker(device_a, marker)
+    assert seen.count(marker) >= 1 and secret not in seen, (codes, seen)
+
+
+def test_device_cannot_publish_on_its_own_down_topic(server: MqttClient, make_client: ClientFactory,
+                                                     credentials: Credentials) -> None:
+    device = make_client(credentials.device("dev-a"), client_id="dev-a",
+                         subscriptions=(topics.device_down_filter("dev-a"),))
+    fake = device.publish(topics.device_down("dev-a", "result"), b"I am trusted")
+    with pytest.raises(TransportError):
+        fake.wait(WAIT)
+    assert fake.reason_code == NOT_AUTHORIZED
+    marker = topics.device_down("dev-a", "marker")
+    server.publish(marker, b"").wait(WAIT)
+    assert [m.topic for m in _until_marker(device, marker)] == [marker]
+
+
+def test_claim_certificate_reaches_only_its_enrollment_topics(server: MqttClient, make_client: ClientFactory,
+                                                              credentials: Credentials) -> None:
+    claim = make_client(credentials.claim("dev-c"), client_id="claim-dev-c",
+                        subscriptions=(topics.enroll_down_filter("dev-c"),
+                                       topics.device_down_filter("dev-c")))
+    # Allowed: its own enrollment up topic.
+    claim.publish(topics.enroll_up("dev-c", "hello"), b"ek cert").wait(WAIT)
+    msg = server.receive(WAIT)
+    assert msg is not None
+    assert topics.parse_server_topic(msg.topic) == (Subtree.ENROLL, "claim:dev-c", "hello")
+    # Refused: the device topics of the id it claims, and another device's enrollment.
+    for topic in (topics.device_up("dev-c", "evidence"), topics.enroll_up("dev-d", "hello")):
+        handle = claim.publish(topic, b"x")
+        with pytest.raises(TransportError):
+            handle.wait(WAIT)
+        assert handle.reason_code == NOT_AUTHORIZED
+    # The ACL pattern also lets it write fleet/v1/devices/claim:dev-c/up/...; the server's topic
+    # parser refuses that identity, so it reaches no handler.
+    stray = "fleet/v1/devices/claim:dev-c/up/evidence"
+    claim.publish(stray, b"x").wait(WAIT)
+    marker = topics.enroll_up("dev-c", "marker")
+    claim.publish(marker, b"").wait(WAIT)
+    seen = [m.topic for m in _until_marker(server, marker)]
+    assert seen == [stray, marker]
+    with pytest.raises(topics.TopicError):
+        topics.parse_server_topic(stray)
+    # Reading: the device's down topics are not delivered to the claim identity, its enroll ones are.
+    server.publish(topics.device_down("dev-c", "key"), b"not for a claim cert").wait(WAIT)
+    answer = topics.enroll_down("dev-c", "cert")
+    server.publish(answer, b"device certificate").wait(WAIT)
+    assert [m.topic for m in _until_marker(claim, answer)] == [answer]
+
+
+def test_device_certificate_cannot_use_enrollment_of_its_claim(server: MqttClient, make_client: ClientFactory,
+                                                               credentials: Credentials) -> None:
+    device = make_client(credentials.device("dev-c"), client_id="dev-c")
+    handle = device.publish(topics.enroll_up("dev-c", "hello"), b"x")
+    with pytest.raises(TransportError):
+        handle.wait(WAIT)
+    assert handle.reason_code == NOT_AUTHORIZED
+
+
+def test_oversized_message_is_refused_by_the_broker(server: MqttClient, make_client: ClientFactory,
+                                                    credentials: Credentials,
+                                                    mqtt_broker: MosquittoBroker) -> None:
+    assert mqtt_broker.port is not None
+    limit = broker_mod.DEFAULT_MAX_PACKET_SIZE
+    tls = credentials.device("dev-a")
+    with RawClient(mqtt_broker.port, tls, "dev-a-raw") as raw:
+        # Positive control: just below the limit is delivered.
+        fits = topics.device_up("dev-a", "fits")
+        raw.wait_ack(raw.publish(fits, b"f" * (limit - 1024)))
+        msg = server.receive(WAIT)
+        assert msg is not None and msg.topic == fits
+        # Over the limit: the broker disconnects the sender instead of delivering.
+        raw.publish(topics.device_up("dev-a", "huge"), b"h" * (limit + 1))
+        assert raw.disconnected.wait(WAIT)
+    assert "oversize" in mqtt_broker.log_path.read_text()
+    device = make_client(tls, client_id="dev-a")
+    marker = topics.device_up("dev-a", "marker")
+    device.publish(marker, b"").wait(WAIT)
+    assert [m.topic for m in _until_marker(server, marker)] == [marker]

@@ -23,9 +23,10 @@ from __future__ import annotations
 import hmac
 import re
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -223,17 +224,20 @@ def pcrs_from_json(v: JsonValue, where: str) -> dict[str, dict[int, bytes]]:
 # --------------------------------------------------------------------------------------------------
 # message types
 # --------------------------------------------------------------------------------------------------
-class Message:
-    """Base of all message bodies."""
+class Message(ABC):
+    """Base of all message bodies: ``TYPE``, ``body()`` and a strict ``from_body()``."""
 
+    __slots__ = ()
     TYPE: ClassVar[str]
 
+    @abstractmethod
     def body(self) -> dict[str, JsonValue]:
-        raise NotImplementedError
+        """The message body as JSON values (bytes as base64)."""
 
     @classmethod
-    def from_body(cls: type[M], f: Fields) -> M:
-        raise NotImplementedError
+    @abstractmethod
+    def from_body(cls, f: Fields) -> Self:
+        """Build the message from a strict field reader (the caller calls ``f.done()``)."""
 
 
 M = TypeVar("M", bound=Message)

@@ -670,3 +670,12 @@ def test_cli_padding_and_verification_flags(tmp_path: Path, capsys: pytest.Captu
     assert capsys.readouterr().err == ("fleet-server: event 1, offset 69: EV_SEPARATOR: sha1 digest is not "
                                        "the hash of the event data\n")
     assert main(["eventlog", "show", str(tampered), "--no-verify-digests"]) == 0
+
+
+def test_continuation_errors_name_the_offset_in_the_whole_log(shared_eventlogs: Path) -> None:
+    data = (shared_eventlogs / "event-arch-linux.bin").read_bytes()
+    whole = parse_eventlog(data)
+    cut = whole.events[10].offset
+    head = parse_eventlog(data[:cut])
+    with pytest.raises(EventLogError, match=f"event 10, offset {cut}: truncated"):
+        extend_eventlog(head, data[cut : cut + 7])

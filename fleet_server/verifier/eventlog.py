@@ -486,10 +486,13 @@ def _spec_id(buf: bytes) -> tuple[tuple[tuple[int, int], ...], int] | None:
     return tuple(pairs), end
 
 
-def _slow_event2(buf: bytes, off: int, end: int, index: int, layout: _Layout
+def _slow_event2(buf: bytes, off: int, end: int, index: int, layout: _Layout, base: int = 0
                  ) -> tuple[int, int, FrozenDict[str, bytes], int, int]:
-    """Decode a TCG_PCR_EVENT2 head field by field: (pcr, type, digests, eventSize, data offset)."""
-    start = off
+    """Decode a TCG_PCR_EVENT2 head field by field: (pcr, type, digests, eventSize, data offset).
+
+    ``base`` is the log offset of ``buf[0]`` (non-zero for a continuation), used in error messages.
+    """
+    start = base + off
     if end - off < _EV2_HEAD.size:
         _fail(f"truncated event header: {_EV2_HEAD.size} bytes needed, {end - off} remain", index, start)
     pcr, etype, count = _EV2_HEAD.unpack_from(buf, off)
@@ -568,7 +571,7 @@ def _parse_events(buf: bytes, off: int, base: int, index: int, fmt: str, layout:
                     digests = fast_digests
                     off += fast_size
                 else:
-                    pcr, etype, digests, esize, off = _slow_event2(buf, off, end, index, layout)
+                    pcr, etype, digests, esize, off = _slow_event2(buf, off, end, index, layout, base)
             if pcr >= NUM_PCRS:
                 _fail(f"PCR index {pcr} out of range 0-{NUM_PCRS - 1}", index, pos)
             if esize > end - off:

@@ -17,7 +17,7 @@ Keys
   same key across restarts.
 * **SRK**: TCG Provisioning Guidance ECC P-256 storage key, re-derived in the owner hierarchy.
 * **Bound keys**: RSA-2048 OAEP-SHA256 decryption keys under the SRK that decrypt only in a measured
-  state (see :mod:`agent.tpm.policy` for the policy and why it has a Certify branch).
+  state (see :mod:`protocol.tpm.policy` for the policy and why it has a Certify branch).
 
 Byte formats returned (all TPM wire format, big-endian, as TPM 2.0 Part 2 defines them)
 ----------------------------------------------------------------------------------------
@@ -106,17 +106,6 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
-from agent.tpm.policy import (
-    BoundKeyPolicy,
-    Selection,
-    bound_key_policy,
-    canonical_selection,
-    marshal_pcr_selection,
-    pcr_composite,
-    pcr_digest,
-    policy_or,
-    selection_to_dict,
-)
 from agent.tpm.templates import (
     AK_ALGS,
     EK_ALGS,
@@ -129,6 +118,17 @@ from agent.tpm.templates import (
 )
 from protocol.errors import ConfigError, MalformedInputError, StorageError, TpmError
 from protocol.tpm.constants import HASH_ALGS, describe_rc
+from protocol.tpm.policy import (
+    BoundKeyPolicy,
+    Selection,
+    bound_key_policy,
+    canonical_selection,
+    marshal_pcr_selection,
+    pcr_composite,
+    pcr_digest,
+    policy_or,
+    selection_to_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -938,7 +938,7 @@ class TpmAdapter:
         ``pcr_values`` (default: the current values).
 
         The key lives under the SRK; its blobs and metadata are saved in ``state_dir`` under the
-        returned ``key_id``.  Its authPolicy is described in :mod:`agent.tpm.policy`.
+        returned ``key_id``.  Its authPolicy is described in :mod:`protocol.tpm.policy`.
         """
         sel = canonical_selection(pcr_selection)
         if pcr_values is not None:

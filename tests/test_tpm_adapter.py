@@ -31,11 +31,11 @@ from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPML_PCR_SELECTION, TPMS_
 from tpm2_pytss.utils import make_credential
 
 import firmware_sim.swtpm as swtpm_module
-from agent.tpm import policy
 from agent.tpm.adapter import TpmAdapter
 from firmware_sim.manufacturer import ManufacturerCA
 from firmware_sim.swtpm import Swtpm
 from protocol.errors import ConfigError, EdgeError, MalformedInputError, TpmError
+from protocol.tpm import policy
 
 swtpm_test = pytest.mark.swtpm
 

@@ -457,10 +457,12 @@ class AttestationResult(Message):
     reasons: tuple[str, ...]
     expires: int  # ms since the epoch: the verdict is stale after this
     evidence_sha256: bytes
+    lease_until: int = 0  # ms; a trusted verdict renews the device's model leases until then (0: none)
 
     def body(self) -> dict[str, JsonValue]:
         return {"challenge_id": self.challenge_id, "verdict": self.verdict, "reasons": list(self.reasons),
-                "expires": self.expires, "evidence_sha256": b64encode(self.evidence_sha256)}
+                "expires": self.expires, "evidence_sha256": b64encode(self.evidence_sha256),
+                "lease_until": self.lease_until}
 
     @classmethod
     def from_body(cls, f: Fields) -> AttestationResult:
@@ -468,7 +470,8 @@ class AttestationResult(Message):
                    verdict=f.text("verdict", choices=VERDICTS),
                    reasons=f.text_list("reasons"),
                    expires=f.integer("expires"),
-                   evidence_sha256=f.blob("evidence_sha256", min_len=32, max_len=32))
+                   evidence_sha256=f.blob("evidence_sha256", min_len=32, max_len=32),
+                   lease_until=f.integer("lease_until"))
 
 
 REVOCATION_STATES = ("untrusted", "revoked", "quarantined")
@@ -489,6 +492,331 @@ class Revocation(Message):
     @classmethod
     def from_body(cls, f: Fields) -> Revocation:
         return cls(state=f.text("state", choices=REVOCATION_STATES), reasons=f.text_list("reasons"))
+
+
+# ---- model protection -----------------------------------------------------------------------------
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})$")
+OUTPUT_MODES = ("full", "topk", "label")
+MAX_CHUNK = 256 * 1024
+MAX_CHUNK_MESSAGE = MAX_CHUNK + 4096
+WRAP_LABEL = b"EDGE-ATTEST MODEL KEY\0"  # OAEP label for data keys (TPM2_RSA_Decrypt wants a NUL end)
+
+
+def _opt_int(f: Fields, key: str, hi: int = 2**62) -> int | None:
+    v = f.raw(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+        raise MessageError(f"{key}: expected null or a non-negative integer")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    """The usage policy of a model, set by the server and carried inside the signed key release.
+
+    ``output_mode``: "full" (all scores, rounded to ``decimals``), "topk" (``k`` labels with scores)
+    or "label" (argmax only). Rates are per client app on the device; quotas count samples (batch
+    rows): per lease, per device per UTC day, per client per UTC day (``None``: unlimited).
+    """
+
+    output_mode: str = "label"
+    k: int = 3
+    decimals: int = 2
+    labels: tuple[str, ...] = ()
+    max_batch: int = 64
+    client_rate: int = 10          # requests per second
+    client_burst: int = 20
+    client_daily_quota: int | None = None
+    device_daily_quota: int | None = None
+    lease_quota: int | None = None
+    block_on_alarm: bool = False
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {"output_mode": self.output_mode, "k": self.k, "decimals": self.decimals,
+                "labels": list(self.labels), "max_batch": self.max_batch, "client_rate": self.client_rate,
+                "client_burst": self.client_burst, "client_daily_quota": self.client_daily_quota,
+                "device_daily_quota": self.device_daily_quota, "lease_quota": self.lease_quota,
+                "block_on_alarm": self.block_on_alarm}
+
+    @classmethod
+    def from_json(cls, obj: JsonValue, where: str = "policy") -> ModelPolicy:
+        f = Fields(obj, where)
+        out = cls(output_mode=f.text("output_mode", choices=OUTPUT_MODES),
+                  k=f.integer("k", lo=1, hi=1000),
+                  decimals=f.integer("decimals", lo=0, hi=6),
+                  labels=f.text_list("labels", max_items=10_000, max_len=128),
+                  max_batch=f.integer("max_batch", lo=1, hi=65_536),
+                  client_rate=f.integer("client_rate", lo=1, hi=1_000_000),
+                  client_burst=f.integer("client_burst", lo=1, hi=1_000_000),
+                  client_daily_quota=_opt_int(f, "client_daily_quota"),
+                  device_daily_quota=_opt_int(f, "device_daily_quota"),
+                  lease_quota=_opt_int(f, "lease_quota"),
+                  block_on_alarm=f.flag("block_on_alarm"))
+        f.done()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A model version a device is entitled to; ``package_sha256`` is over the whole package file."""
+
+    name: str
+    version: str
+    size: int
+    package_sha256: bytes
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {"name": self.name, "version": self.version, "size": self.size,
+                "package_sha256": b64encode(self.package_sha256)}
+
+    @classmethod
+    def from_json(cls, obj: JsonValue, where: str) -> ModelRef:
+        f = Fields(obj, where)
+        out = cls(name=f.text("name", max_len=64, pattern=MODEL_NAME_RE),
+                  version=f.text("version", max_len=32, pattern=VERSION_RE),
+                  size=f.integer("size", lo=1, hi=8 << 30),
+                  package_sha256=f.blob("package_sha256", min_len=32, max_len=32))
+        f.done()
+        return out
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class ModelOffer(Message):
+    """Server -> device (signed): the model versions this device is entitled to now."""
+
+    TYPE: ClassVar[str] = "model.offer"
+    models: tuple[ModelRef, ...]
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"models": [m.to_json() for m in self.models]}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> ModelOffer:
+        items = f.raw("models")
+        if not isinstance(items, list) or len(items) > 64:
+            raise MessageError("model.offer.models: expected a list of at most 64 models")
+        return cls(models=tuple(ModelRef.from_json(m, "model.offer.models[]") for m in items))
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class ModelFetch(Message):
+    """Device -> server: send me ``length`` bytes of this package from ``offset``."""
+
+    TYPE: ClassVar[str] = "model.fetch"
+    name: str
+    version: str
+    offset: int
+    length: int
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"name": self.name, "version": self.version, "offset": self.offset, "length": self.length}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> ModelFetch:
+        return cls(name=f.text("name", max_len=64, pattern=MODEL_NAME_RE),
+                   version=f.text("version", max_len=32, pattern=VERSION_RE),
+                   offset=f.integer("offset", hi=8 << 30),
+                   length=f.integer("length", lo=1, hi=MAX_CHUNK))
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class KeyRequest(Message):
+    """Device -> server: release this model's data key to my TPM-resident, PCR-bound key.
+
+    ``key_public`` is the bound key's TPM2B_PUBLIC; ``certify_attest``/``certify_signature`` are the
+    TPMS_ATTEST (type CERTIFY) and TPMT_SIGNATURE of TPM2_Certify of that key by the device's AK, with
+    qualifying data :func:`key_request_qualifier`.
+    """
+
+    TYPE: ClassVar[str] = "key.request"
+    name: str
+    version: str
+    key_public: bytes
+    certify_attest: bytes
+    certify_signature: bytes
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"name": self.name, "version": self.version, "key_public": b64encode(self.key_public),
+                "certify_attest": b64encode(self.certify_attest),
+                "certify_signature": b64encode(self.certify_signature)}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> KeyRequest:
+        return cls(name=f.text("name", max_len=64, pattern=MODEL_NAME_RE),
+                   version=f.text("version", max_len=32, pattern=VERSION_RE),
+                   key_public=f.blob("key_public", min_len=16, max_len=1024),
+                   certify_attest=f.blob("certify_attest", min_len=16, max_len=2048),
+                   certify_signature=f.blob("certify_signature", min_len=8, max_len=1024))
+
+
+def key_request_qualifier(device_id: str, name: str, version: str) -> bytes:
+    """TPM2_Certify qualifying data of a key request: binds the certification to its purpose."""
+    import hashlib
+
+    return hashlib.sha256(f"edge-attest/key-request/v1\0{device_id}\0{name}\0{version}".encode()).digest()
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class KeyRelease(Message):
+    """Server -> device (signed): the model's data key wrapped (RSA-OAEP-SHA256, label
+    :data:`WRAP_LABEL`) to the TPM key named ``key_name``, with the lease and the usage policy."""
+
+    TYPE: ClassVar[str] = "key.release"
+    name: str
+    version: str
+    key_name: bytes
+    wrapped_key: bytes
+    lease_id: str
+    lease_expires: int  # ms
+    policy: ModelPolicy
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"name": self.name, "version": self.version, "key_name": b64encode(self.key_name),
+                "wrapped_key": b64encode(self.wrapped_key), "lease_id": self.lease_id,
+                "lease_expires": self.lease_expires, "policy": self.policy.to_json()}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> KeyRelease:
+        return cls(name=f.text("name", max_len=64, pattern=MODEL_NAME_RE),
+                   version=f.text("version", max_len=32, pattern=VERSION_RE),
+                   key_name=f.blob("key_name", min_len=34, max_len=66),
+                   wrapped_key=f.blob("wrapped_key", min_len=128, max_len=512),
+                   lease_id=f.text("lease_id", pattern=MSG_ID_RE),
+                   lease_expires=f.integer("lease_expires"),
+                   policy=ModelPolicy.from_json(f.raw("policy"), "key.release.policy"))
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class KeyDenied(Message):
+    """Server -> device (signed): no key for this model now, and why."""
+
+    TYPE: ClassVar[str] = "key.denied"
+    name: str
+    version: str
+    reasons: tuple[str, ...]
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"name": self.name, "version": self.version, "reasons": list(self.reasons)}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> KeyDenied:
+        return cls(name=f.text("name", max_len=64, pattern=MODEL_NAME_RE),
+                   version=f.text("version", max_len=32, pattern=VERSION_RE),
+                   reasons=f.text_list("reasons"))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUsage:
+    """Per client app: samples served and refused in the period, and the extraction monitor's view."""
+
+    client: str
+    served: int
+    refused: int
+    statistic: float | None = None  # not on the wire as a float: sent as micro-units (int)
+    alarm: bool = False
+
+    def to_json(self) -> dict[str, JsonValue]:
+        stat = None if self.statistic is None else round(self.statistic * 1_000_000)
+        return {"client": self.client, "served": self.served, "refused": self.refused,
+                "statistic_micro": stat, "alarm": self.alarm}
+
+    @classmethod
+    def from_json(cls, obj: JsonValue, where: str) -> ClientUsage:
+        f = Fields(obj, where)
+        client = f.text("client", max_len=64)
+        served = f.integer("served", hi=2**40)
+        refused = f.integer("refused", hi=2**40)
+        stat = _opt_int(f, "statistic_micro", hi=1_000_000)
+        alarm = f.flag("alarm")
+        f.done()
+        return cls(client=client, served=served, refused=refused,
+                   statistic=None if stat is None else stat / 1_000_000, alarm=alarm)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Telemetry(Message):
+    """Device -> server: usage of one model over ``[since, until)`` (ms) and extraction statistics."""
+
+    TYPE: ClassVar[str] = "telemetry"
+    name: str
+    version: str
+    since: int
+    until: int
+    served: int
+    refused: int
+    clients: tuple[ClientUsage, ...]
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"name": self.name, "version": self.version, "since": self.since, "until": self.until,
+                "served": self.served, "refused": self.refused,
+                "clients": [c.to_json() for c in self.clients]}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> Telemetry:
+        name = f.text("name", max_len=64, pattern=MODEL_NAME_RE)
+        version = f.text("version", max_len=32, pattern=VERSION_RE)
+        since = f.integer("since")
+        until = f.integer("until")
+        served = f.integer("served", hi=2**40)
+        refused = f.integer("refused", hi=2**40)
+        items = f.raw("clients")
+        if not isinstance(items, list) or len(items) > 256:
+            raise MessageError("telemetry.clients: expected a list of at most 256 clients")
+        return cls(name=name, version=version, since=since, until=until, served=served, refused=refused,
+                   clients=tuple(ClientUsage.from_json(c, "telemetry.clients[]") for c in items))
+
+
+# ---- model chunks: binary framing ------------------------------------------------------------------
+# A package chunk is not a signed JSON message: base64 inside a base64 envelope would nearly double
+# 100 MB downloads. Its integrity comes from the package itself (signed manifest with the SHA-256 of
+# the ciphertext, AES-GCM per chunk), which the agent verifies before any key is requested.
+# Frame: b"EAC1" | u32 header length | canonical JSON header | data.
+_CHUNK_MAGIC = b"EAC1"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChunk:
+    """Server -> device: ``data`` = package bytes ``[offset, offset + len(data))`` of ``total``."""
+
+    name: str
+    version: str
+    offset: int
+    total: int
+    data: bytes
+
+
+def encode_chunk(chunk: ModelChunk) -> bytes:
+    header = canonical_bytes({"v": VERSION, "type": "model.chunk", "name": chunk.name,
+                              "version": chunk.version, "offset": chunk.offset, "total": chunk.total})
+    return _CHUNK_MAGIC + len(header).to_bytes(4, "big") + header + chunk.data
+
+
+def decode_chunk(raw: bytes) -> ModelChunk:
+    """Strictly decode a chunk frame (sizes bounded; the package digest is checked by the caller)."""
+    if len(raw) > MAX_CHUNK_MESSAGE or len(raw) < 8 or raw[:4] != _CHUNK_MAGIC:
+        raise MessageError("model chunk: bad frame")
+    hlen = int.from_bytes(raw[4:8], "big")
+    if hlen > 1024 or 8 + hlen > len(raw):
+        raise MessageError("model chunk: bad header length")
+    f = Fields(decode_object(raw[8 : 8 + hlen], max_size=1024), "model.chunk")
+    if f.integer("v", hi=1000) != VERSION or f.text("type", max_len=16) != "model.chunk":
+        raise MessageError("model chunk: unsupported version or type")
+    chunk = ModelChunk(name=f.text("name", max_len=64, pattern=MODEL_NAME_RE),
+                       version=f.text("version", max_len=32, pattern=VERSION_RE),
+                       offset=f.integer("offset", hi=8 << 30), total=f.integer("total", lo=1, hi=8 << 30),
+                       data=raw[8 + hlen :])
+    f.done()
+    if not chunk.data or len(chunk.data) > MAX_CHUNK or chunk.offset + len(chunk.data) > chunk.total:
+        raise MessageError("model chunk: data out of range")
+    return chunk
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,263 @@
+"""The agent's configuration: one TOML file, read strictly into a frozen :class:`AgentConfig`.
+
+Example (every key is described in ``docs/agent.md``)::
+
+    device_id = "cam-0042"
+    device_class = "camera"
+    firmware_version = "1.4.2"
+    state_dir = "/var/lib/edge-agent"
+    eventlog = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+    [tpm]
+    tcti = "device:/dev/tpmrm0"
+    ak_alg = "ecc"
+
+    [mqtt]
+    host = "mqtt.fleet.example"
+    port = 8883
+    ca_cert = "fleet-ca.pem"
+    claim_cert = "claim.pem"
+    claim_key = "claim.key"
+
+    [server]
+    signing_public_key = "server-signing.pem"
+
+    [log]
+    level = "info"
+
+Strict: unknown keys and tables, wrong types and out-of-range values are refused with a
+:class:`~protocol.errors.ConfigError` that names the key (``mqtt.port: ...``).  Relative paths are
+resolved against the folder of the configuration file, so a configuration folder can be moved as a
+whole.  Reading the file is the only I/O here; whether the files it names exist is checked where
+they are used (the claim credential, for instance, is not needed once the device is enrolled).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError
+from protocol.messages import NAME_RE
+from protocol.topics import TopicError, validate_device_id
+
+DEFAULT_EVENTLOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+AK_ALGS = ("ecc", "rsa")
+EK_ALGS = ("rsa", "ecc")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("kv", "json")
+MAX_CONFIG_BYTES = 64 * 1024
+_HOST_RE = re.compile(r"[A-Za-z0-9.:\-\[\]]{1,253}")
+
+
+@dataclass(frozen=True, slots=True)
+class TpmConfig:
+    """``[tpm]``: how to reach the TPM and which keys to use."""
+
+    tcti: str = DEFAULT_TCTI
+    ak_alg: str = "ecc"
+    ek_alg: str = "rsa"
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """``[mqtt]``: the broker, the TLS trust anchor, the claim credential and reconnect pacing."""
+
+    host: str
+    port: int
+    ca_cert: Path
+    claim_cert: Path
+    claim_key: Path
+    keepalive: int = 30
+    reconnect_min: float = 0.5
+    reconnect_max: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: the pinned result-signing key and how server messages are judged."""
+
+    signing_public_key: Path
+    max_clock_skew: float = 300.0
+    """Seconds a signed message's ``ts`` may differ from the agent's clock (either direction)."""
+    enroll_retry: float = 300.0
+    """Seconds without a final enrollment answer after which ``enroll.request`` is sent again."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: level and line format of the agent's log (stderr)."""
+
+    level: str = "info"
+    format: str = "kv"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything the agent is configured with (see :func:`load_config`)."""
+
+    device_id: str
+    device_class: str
+    firmware_version: str
+    state_dir: Path
+    eventlog: Path
+    tpm: TpmConfig
+    mqtt: MqttConfig
+    server: ServerConfig
+    log: LogConfig
+    source: Path | None = None
+    """The file this configuration was read from, if any."""
+
+    @property
+    def status_path(self) -> Path:
+        """The status file the running agent keeps up to date (``edge-agent status`` reads it)."""
+        return self.state_dir / "status.json"
+
+
+class _Table:
+    """Strict reader of one TOML table: every key is taken once, leftovers are errors."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, base: Path) -> None:
+        self._data = dict(data)
+        self._where = where
+        self._base = base
+
+    def _name(self, key: str) -> str:
+        return f"{self._where}.{key}" if self._where else key
+
+    def _take(self, key: str, required: bool) -> Any:
+        if key not in self._data:
+            if required:
+                raise ConfigError(f"{self._name(key)}: missing (required)")
+            return None
+        return self._data.pop(key)
+
+    def text(self, key: str, default: str | None = None, *, choices: tuple[str, ...] = (),
+             pattern: re.Pattern[str] | None = None, max_len: int = 256) -> str:
+        value = self._take(key, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{self._name(key)}: expected a non-empty string")
+        if len(value) > max_len:
+            raise ConfigError(f"{self._name(key)}: longer than {max_len} characters")
+        if choices and value not in choices:
+            raise ConfigError(f"{self._name(key)}: {value[:40]!r} is not one of {', '.join(choices)}")
+        if pattern is not None and pattern.fullmatch(value) is None:
+            raise ConfigError(f"{self._name(key)}: invalid value {value[:40]!r}")
+        return value
+
+    def integer(self, key: str, default: int | None = None, *, lo: int, hi: int) -> int:
+        value = self._take(key, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{self._name(key)}: expected an integer")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self._name(key)}: {value} is outside {lo}..{hi}")
+        return value
+
+    def seconds(self, key: str, default: float, *, lo: float, hi: float) -> float:
+        value = self._take(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{self._name(key)}: expected a number of seconds")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self._name(key)}: {value} is outside {lo:g}..{hi:g} seconds")
+        return float(value)
+
+    def path(self, key: str, default: Path | None = None) -> Path:
+        value = self._take(key, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if not isinstance(value, str) or not value.strip() or "\x00" in value:
+            raise ConfigError(f"{self._name(key)}: expected a file path")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self._base / path)
+
+    def table(self, key: str) -> _Table:
+        value = self._take(key, False)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self._name(key)}: expected a table ([{self._name(key)}])")
+        return _Table(value, self._name(key), self._base)
+
+    def done(self) -> None:
+        if self._data:
+            key = sorted(self._data)[0]
+            raise ConfigError(f"{self._name(key)}: unknown key")
+
+
+def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> AgentConfig:
+    """Build an :class:`AgentConfig` from parsed TOML; relative paths are taken from ``base``."""
+    top = _Table(data, "", Path(base))
+    device_id = top.text("device_id", max_len=63)
+    try:
+        validate_device_id(device_id)
+    except TopicError as exc:
+        raise ConfigError(f"device_id: {exc.diagnostics()}") from None
+    device_class = top.text("device_class", pattern=NAME_RE, max_len=64)
+    firmware_version = top.text("firmware_version", pattern=NAME_RE, max_len=64)
+    state_dir = top.path("state_dir")
+    eventlog = top.path("eventlog", DEFAULT_EVENTLOG)
+
+    t = top.table("tpm")
+    tpm = TpmConfig(tcti=t.text("tcti", DEFAULT_TCTI), ak_alg=t.text("ak_alg", "ecc", choices=AK_ALGS),
+                    ek_alg=t.text("ek_alg", "rsa", choices=EK_ALGS))
+    t.done()
+
+    m = top.table("mqtt")
+    mqtt = MqttConfig(host=m.text("host", pattern=_HOST_RE), port=m.integer("port", 8883, lo=1, hi=65535),
+                      ca_cert=m.path("ca_cert"), claim_cert=m.path("claim_cert"),
+                      claim_key=m.path("claim_key"),
+                      keepalive=m.integer("keepalive", 30, lo=5, hi=3600),
+                      reconnect_min=m.seconds("reconnect_min", 0.5, lo=0.01, hi=3600),
+                      reconnect_max=m.seconds("reconnect_max", 60.0, lo=0.01, hi=86400))
+    m.done()
+    if mqtt.reconnect_min > mqtt.reconnect_max:
+        raise ConfigError("mqtt.reconnect_min: must not exceed mqtt.reconnect_max")
+
+    s = top.table("server")
+    server = ServerConfig(signing_public_key=s.path("signing_public_key"),
+                          max_clock_skew=s.seconds("max_clock_skew", 300.0, lo=1, hi=86400),
+                          enroll_retry=s.seconds("enroll_retry", 300.0, lo=1, hi=86400))
+    s.done()
+
+    lg = top.table("log")
+    log = LogConfig(level=lg.text("level", "info", choices=LOG_LEVELS),
+                    format=lg.text("format", "kv", choices=LOG_FORMATS))
+    lg.done()
+    top.done()
+    return AgentConfig(device_id=device_id, device_class=device_class, firmware_version=firmware_version,
+                       state_dir=state_dir, eventlog=eventlog, tpm=tpm, mqtt=mqtt, server=server, log=log,
+                       source=source)
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and check the TOML file at ``path`` (:class:`ConfigError` naming the key on any problem)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"configuration {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration {path} is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration {path} is not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    return parse_config(data, base=base, source=path)

@@ -1,0 +1,555 @@
+"""The agent service: enroll when needed, then keep the device attested over MQTT.
+
+:class:`Agent` wires the pieces together; everything it needs is passed in (configuration, clock,
+random source, logger), so one process can run many agents (a test harness, a fleet simulator).
+
+Threads of one agent
+--------------------
+* **main** (``agent-<id>``): opens the TPM (retrying with backoff while it is unavailable), enrolls
+  with the claim certificate if there is no device certificate (:mod:`agent.enroll`), then connects
+  with the device certificate and loops: notices each new connection and publishes
+  ``attest.request`` (reason ``boot`` for the first connection after start, ``reconnect`` after),
+  takes inbound messages from the MQTT client's queue, verifies each (:mod:`agent.trust`), hands
+  challenges to the worker, applies results and revocations, and keeps ``status.json`` current.
+* **worker** (``agent-<id>-attest``): answers challenges (:mod:`agent.attest`) and publishes the
+  evidence.  TPM work never runs on paho's network thread nor blocks message handling.  Only the
+  latest unanswered challenge is kept: the server supersedes older ones anyway.
+* the MQTT client's own network thread (:class:`protocol.mqtt.MqttClient`), which reconnects with
+  exponential backoff and jitter (``mqtt.reconnect_min`` .. ``mqtt.reconnect_max``).
+
+Failures
+--------
+Broker loss: the MQTT client reconnects; the agent then sends ``attest.request`` (``reconnect``).
+TPM errors: logged and counted, the challenge is missed, and the adapter is reopened for the next
+one.  A rejected enrollment, unusable configuration or state files end the agent with an error
+(:attr:`AgentStatus.error`, exit status 1 of :meth:`Agent.run_forever`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from types import FrameType
+from typing import Any
+
+from agent.attest import ChallengeExpiredError, answer_challenge
+from agent.config import AgentConfig
+from agent.enroll import Enrollment, subscription_state
+from agent.identity import DeviceIdentity
+from agent.log import EventLogger
+from agent.statefile import ensure_dir, write_atomic
+from agent.tpm.adapter import TpmAdapter
+from agent.trust import Channel, MessageVerifier, TrustState, load_signing_keys
+from agent.version import agent_version
+from protocol import topics
+from protocol.errors import EdgeError, TpmError, TransportError
+from protocol.messages import (
+    AttestationResult,
+    AttestRequest,
+    Challenge,
+    Revocation,
+    encode_plain,
+    new_message_id,
+)
+from protocol.mqtt import Backoff, InboundMessage, MqttClient, PublishHandle, TlsFiles
+
+POLL = 0.2
+"""Seconds a loop waits for work before re-checking the stop flag and the connection."""
+STATUS_HEARTBEAT = 30.0
+"""The status file is rewritten at least this often (its ``updated`` time shows the agent is alive)."""
+EVIDENCE_ACK_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+TPM_SUBDIR = "tpm"
+"""Sub-folder of ``state_dir`` where the TPM adapter keeps the AK blobs."""
+
+PHASES = ("new", "starting", "tpm_unavailable", "enrolling", "pending", "running", "stopped", "failed")
+
+
+class AgentStateError(EdgeError):
+    """The agent was used out of order (started twice, restarted after stop)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    """A snapshot of a running agent (also what ``status.json`` holds)."""
+
+    device_id: str
+    phase: str
+    """One of :data:`PHASES`."""
+    enrolled: bool
+    connected: bool
+    verdict: str
+    """``unknown``, ``trusted``, ``untrusted``, ``revoked`` or ``quarantined``."""
+    trusted: bool
+    """True only while the latest verdict is ``trusted`` and not expired."""
+    trusted_until: float | None
+    verdict_reasons: tuple[str, ...]
+    last_request_reason: str | None
+    """Reason of the last ``attest.request`` sent (``boot`` / ``reconnect``)."""
+    counters: Mapping[str, int]
+    error: str | None
+    updated: float
+    pid: int
+    agent_version: str
+    enrollment: str | None = None
+    """Enrollment progress while enrolling (``requested``, ``pending``, ...), else ``None``."""
+    enrollment_reasons: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (tuples as lists)."""
+        out = asdict(self)
+        out["counters"] = dict(sorted(self.counters.items()))
+        out["verdict_reasons"] = list(self.verdict_reasons)
+        out["enrollment_reasons"] = list(self.enrollment_reasons)
+        return out
+
+
+class _Mailbox:
+    """Holds the latest challenge not yet taken by the worker (a newer one replaces it)."""
+
+    def __init__(self) -> None:
+        self._item: Challenge | None = None
+        self._cond = threading.Condition()
+
+    def put(self, challenge: Challenge) -> Challenge | None:
+        """Store ``challenge``; returns the one it replaced, if any."""
+        with self._cond:
+            replaced, self._item = self._item, challenge
+            self._cond.notify_all()
+            return replaced
+
+    def take(self, timeout: float) -> Challenge | None:
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class Agent:
+    """One device's attestation agent.  ``start()`` / ``stop()``, or ``run_forever()`` in a CLI.
+
+    ``clock`` returns Unix seconds (freshness of server messages, challenge deadlines, status
+    times); ``rng`` drives reconnect jitter; ``logger`` receives the structured events (default:
+    the ``agent`` logger).  No module-level state: any number of agents may run in one process.
+    """
+
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None, logger: logging.Logger | None = None) -> None:
+        self.config = config
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._log = EventLogger(logger or logging.getLogger("agent"), device=config.device_id)
+        self._identity = DeviceIdentity(config.state_dir, config.device_id)
+        self._backoff = Backoff(initial=config.mqtt.reconnect_min, maximum=config.mqtt.reconnect_max)
+        self._trust = TrustState()
+        self._mailbox = _Mailbox()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # phase, error, counters, last reason
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._phase = "new"
+        self._error: str | None = None
+        self._enrolled = False
+        self._last_request_reason: str | None = None
+        self._signal: int | None = None
+        self._verifier: MessageVerifier | None = None
+        self._enrollment: Enrollment | None = None
+        self._client: MqttClient | None = None
+        self._tpm: TpmAdapter | None = None
+        self._tpm_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._publishes: list[tuple[str, PublishHandle]] = []
+        self._status_written: dict[str, Any] | None = None
+        self._status_written_at = 0.0
+        self._status_error_logged = False
+        self._version = agent_version()[:64]
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Check the local setup and start the agent's thread; returns at once.
+
+        Raises :class:`~protocol.errors.ConfigError` (unreadable server key) or
+        :class:`~protocol.errors.StorageError` (state folder, unusable device certificate) here, so
+        that a misconfigured agent fails before it runs.
+        """
+        if self._thread is not None:
+            raise AgentStateError("Agent.start() was already called; create a new Agent to start again")
+        ensure_dir(self.config.state_dir)
+        keys = load_signing_keys(self.config.server.signing_public_key)
+        self._verifier = MessageVerifier(keys, max_skew=self.config.server.max_clock_skew)
+        self._enrolled = self._identity.certificate() is not None
+        self._set_phase("starting")
+        self._log.info("agent_starting", version=self._version, enrolled=self._enrolled,
+                       broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}")
+        self._thread = threading.Thread(target=self._main, name=f"agent-{self.config.device_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Ask the agent to stop and wait (up to ``timeout`` seconds) until it has shut down."""
+        self._stop.set()
+        self._mailbox.wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                self._log.warning("stop_timeout", seconds=timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the agent's thread ended (stopped or failed); True if it has."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def run_forever(self, *, handle_signals: bool = True) -> int:
+        """Start, run until SIGTERM/SIGINT (or a fatal error), shut down; 0 on a clean stop, 1 on failure.
+
+        Signal handlers are installed only when called from the main thread, and restored after.
+        """
+        previous: dict[signal.Signals, Any] = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+            thread = self._thread
+            assert thread is not None
+            announced = False
+            while thread.is_alive():
+                thread.join(0.5)  # a bounded join lets the interpreter run signal handlers
+                if self._signal is not None and not announced:
+                    announced = True
+                    self._log.info("signal_received", signal=signal.Signals(self._signal).name)
+                    self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 1 if self._error is not None else 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only set flags here: the handler may interrupt code holding logging locks.
+        self._signal = signum
+        self._stop.set()
+        self._mailbox.wake()
+
+    # -- status ------------------------------------------------------------------------------------
+    def status(self) -> AgentStatus:
+        """A snapshot of the agent's state and counters."""
+        verdict = self._trust.verdict
+        now = self._clock()
+        client = self._client
+        enrollment = self._enrollment
+        with self._lock:
+            phase = self._phase
+            if enrollment is not None and phase == "enrolling" and enrollment.progress.status == "pending":
+                phase = "pending"
+            counters = dict(self._counters)
+            if enrollment is not None:
+                progress = enrollment.progress
+                counters.update(enroll_requests_sent=progress.requests_sent,
+                                enroll_challenges=progress.challenges,
+                                enroll_proofs_sent=progress.proofs_sent,
+                                enroll_activation_failures=progress.activation_failures,
+                                enroll_messages_rejected=progress.messages_rejected)
+            return AgentStatus(
+                device_id=self.config.device_id, phase=phase, enrolled=self._enrolled,
+                connected=client is not None and client.connected, verdict=verdict.state,
+                trusted=verdict.trusted(now), trusted_until=verdict.trusted_until,
+                verdict_reasons=verdict.reasons, last_request_reason=self._last_request_reason,
+                counters=counters, error=self._error, updated=now, pid=os.getpid(),
+                agent_version=self._version,
+                enrollment=None if enrollment is None or self._enrolled else enrollment.progress.status,
+                enrollment_reasons=() if enrollment is None else enrollment.progress.reasons)
+
+    def trusted(self) -> bool:
+        """True while the latest verified verdict is ``trusted`` and not expired."""
+        return self._trust.trusted(self._clock())
+
+    def _set_phase(self, phase: str) -> None:
+        with self._lock:
+            self._phase = phase
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counters[name] += n
+
+    def _write_status(self, *, force: bool = False) -> None:
+        status = self.status().to_dict()
+        comparable = {k: v for k, v in status.items() if k != "updated"}
+        due = time.monotonic() - self._status_written_at >= STATUS_HEARTBEAT
+        if not force and not due and comparable == self._status_written:
+            return
+        try:
+            write_atomic(self.config.status_path, (json.dumps(status, sort_keys=True) + "\n").encode())
+        except EdgeError as exc:
+            if not self._status_error_logged:  # once: a full disk must not flood the log
+                self._status_error_logged = True
+                self._log.warning("status_write_failed", error=exc.diagnostics())
+            return
+        self._status_written = comparable
+        self._status_written_at = time.monotonic()
+
+    # -- main thread -------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._write_status(force=True)
+            while not self._stop.is_set():
+                self._open_tpm()
+                if not self._stop.is_set() and not self._enrolled:
+                    try:
+                        self._enroll()
+                    except TpmError as exc:  # e.g. the EK could not be read: back to waiting for the TPM
+                        self._count("tpm_errors")
+                        self._drop_tpm()
+                        self._log.warning("enrollment_interrupted", error=exc.diagnostics())
+                        self._stop.wait(self._backoff.delay(0, self._rng))
+                        continue
+                if not self._stop.is_set():
+                    self._serve()
+                break
+        except EdgeError as exc:
+            self._fail(exc.diagnostics())
+        except Exception as exc:  # a bug must end the agent visibly, not silently kill a thread
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._shutdown()
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            self._error = message
+        self._log.error("agent_failed", error=message)
+
+    def _open_tpm(self) -> None:
+        """Open the TPM adapter and load the AK, retrying with backoff while the TPM is unreachable."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                ak = self._tpm_adapter().ak
+            except TpmError as exc:
+                self._count("tpm_errors")
+                self._drop_tpm()
+                self._set_phase("tpm_unavailable")
+                delay = self._backoff.delay(attempt, self._rng)
+                attempt += 1
+                self._log.warning("tpm_unavailable", error=exc.diagnostics(), retry_in=round(delay, 2))
+                self._write_status()
+                self._stop.wait(delay)
+                continue
+            self._log.info("tpm_ready", ak_name=ak.name.hex(), ak_alg=ak.alg)
+            return
+
+    def _tpm_adapter(self) -> TpmAdapter:
+        with self._tpm_lock:
+            if self._tpm is None:
+                cfg = self.config.tpm
+                tpm = TpmAdapter(cfg.tcti, self.config.state_dir / TPM_SUBDIR, ak_alg=cfg.ak_alg,
+                                 ek_alg=cfg.ek_alg)
+                tpm.open()
+                self._tpm = tpm
+            return self._tpm
+
+    def _drop_tpm(self) -> None:
+        """Close the adapter; the next use opens a new one (after a lost TPM connection)."""
+        with self._tpm_lock:
+            tpm, self._tpm = self._tpm, None
+        if tpm is not None:
+            try:
+                tpm.close()
+            except EdgeError as exc:
+                self._log.debug("tpm_close_failed", error=exc.diagnostics())
+
+    def _new_client(self, tls: TlsFiles, client_id: str, channel: Channel) -> MqttClient:
+        mqtt = self.config.mqtt
+        return MqttClient(mqtt.host, mqtt.port, tls, client_id=client_id,
+                          subscriptions=(channel.subscription,), queue_size=32, max_inflight=16,
+                          keepalive=mqtt.keepalive, backoff=self._backoff, rng=self._rng)
+
+    def _enroll(self) -> None:
+        assert self._verifier is not None
+        self._set_phase("enrolling")
+        mqtt = self.config.mqtt
+        client = self._new_client(TlsFiles(mqtt.ca_cert, mqtt.claim_cert, mqtt.claim_key),
+                                  f"claim-{self.config.device_id}", Channel.enroll(self.config.device_id))
+        enrollment = Enrollment(identity=self._identity, tpm=self._tpm_adapter(), client=client,
+                                verifier=self._verifier, device_class=self.config.device_class,
+                                firmware_version=self.config.firmware_version, clock=self._clock,
+                                log=self._log.bind(phase="enroll"), stop=self._stop,
+                                retry_after=self.config.server.enroll_retry, on_tick=self._write_status)
+        self._enrollment = enrollment
+        self._client = client
+        client.start()
+        try:
+            cert = enrollment.run()
+        finally:
+            client.stop()
+            self._client = None
+        if cert is not None:
+            with self._lock:
+                self._enrolled = True
+
+    def _serve(self) -> None:
+        assert self._verifier is not None
+        device_id = self.config.device_id
+        channel = Channel.device(device_id)
+        client = self._new_client(self._identity.tls_files(self.config.mqtt.ca_cert), device_id, channel)
+        self._client = client
+        client.start()
+        self._set_phase("running")
+        self._worker = threading.Thread(target=self._work, args=(client,), name=f"agent-{device_id}-attest",
+                                        daemon=True)
+        self._worker.start()
+        seen_connects = 0
+        hello_sent = False
+        was_connected = False
+        while not self._stop.is_set():
+            connected = client.connected
+            connects = client.stats().connects
+            if connected and connects != seen_connects:
+                state = subscription_state(client, self._log)
+                if state == "ready":
+                    reason = "boot" if not hello_sent else "reconnect"
+                    hello_sent = True
+                    self._log.info("connected", reason=reason, connects=connects)
+                    self._send_hello(client, reason)
+                if state != "pending":
+                    seen_connects = connects
+            elif was_connected and not connected:
+                self._log.warning("disconnected", error=client.last_error)
+            was_connected = connected
+            inbound = client.receive(POLL)
+            if inbound is not None:
+                self._handle(channel, inbound)
+            self._reap_publishes()
+            self._write_status()
+
+    def _send_hello(self, client: MqttClient, reason: str) -> None:
+        request = AttestRequest(reason=reason, agent_version=self._version)
+        topic = topics.device_up(self.config.device_id, "hello")
+        msg_id = new_message_id()
+        try:
+            handle = client.publish(topic, encode_plain(request, ts=int(self._clock() * 1000), msg_id=msg_id),
+                                    qos=1, timeout=EVIDENCE_ACK_TIMEOUT)
+        except TransportError as exc:
+            self._count("publish_failures")
+            self._log.warning("publish_failed", type="attest.request", error=exc.diagnostics())
+            return
+        self._publishes.append(("attest.request", handle))
+        self._log.info("attest_request_sent", reason=reason, msg_id=msg_id)
+        with self._lock:
+            self._last_request_reason = reason
+            self._counters["attest_requests_sent"] += 1
+
+    def _reap_publishes(self) -> None:
+        """Log publishes the broker refused (e.g. an ACL denial means a misconfigured identity)."""
+        still: list[tuple[str, PublishHandle]] = []
+        for what, handle in self._publishes:
+            if not handle.done:
+                still.append((what, handle))
+            elif handle.error is not None:
+                self._count("publish_failures")
+                self._log.warning("publish_failed", type=what, error=handle.error)
+        self._publishes = still
+
+    def _handle(self, channel: Channel, inbound: InboundMessage) -> None:
+        assert self._verifier is not None
+        try:
+            envelope = self._verifier.verify(channel, inbound.topic, inbound.payload, now=self._clock())
+        except EdgeError as exc:
+            self._count("messages_rejected")
+            self._log.warning("server_message_rejected", topic=inbound.topic, error=exc.diagnostics())
+            return
+        msg = envelope.message
+        if isinstance(msg, Challenge):
+            self._count("challenges_received")
+            replaced = self._mailbox.put(msg)
+            if replaced is not None:
+                self._count("challenges_superseded")
+                self._log.info("challenge_superseded", challenge_id=replaced.challenge_id)
+            self._log.debug("challenge_received", challenge_id=msg.challenge_id, deadline=msg.deadline,
+                            log_offset=msg.log_offset)
+        elif isinstance(msg, AttestationResult):
+            applied = self._trust.apply(envelope)
+            self._count("results_received")
+            self._log.info("attestation_result", challenge_id=msg.challenge_id, verdict=msg.verdict,
+                           expires=msg.expires, applied=applied, msg_id=envelope.id,
+                           reasons="; ".join(msg.reasons))
+        elif isinstance(msg, Revocation):
+            applied = self._trust.apply(envelope)
+            self._count("revocations_received")
+            self._log.warning("revocation", state=msg.state, applied=applied, msg_id=envelope.id,
+                              reasons="; ".join(msg.reasons))
+
+    # -- worker thread -----------------------------------------------------------------------------
+    def _work(self, client: MqttClient) -> None:
+        while not self._stop.is_set():
+            challenge = self._mailbox.take(POLL)
+            if challenge is not None and not self._stop.is_set():
+                self._answer(client, challenge)
+
+    def _answer(self, client: MqttClient, challenge: Challenge) -> None:
+        started = time.monotonic()
+        try:
+            evidence = answer_challenge(challenge, tpm=self._tpm_adapter(),
+                                        eventlog_path=self.config.eventlog, clock=self._clock)
+        except ChallengeExpiredError as exc:
+            self._count("challenges_missed")
+            self._log.warning("challenge_missed", challenge_id=challenge.challenge_id,
+                              error=exc.diagnostics())
+            return
+        except TpmError as exc:
+            self._count("challenges_missed")
+            self._count("tpm_errors")
+            self._drop_tpm()  # reopened for the next challenge
+            self._log.warning("challenge_missed", challenge_id=challenge.challenge_id, cause="tpm",
+                              error=exc.diagnostics())
+            return
+        except EdgeError as exc:
+            self._count("challenges_missed")
+            self._log.warning("challenge_missed", challenge_id=challenge.challenge_id,
+                              error=exc.diagnostics())
+            return
+        tpm_ms = round((time.monotonic() - started) * 1000, 1)
+        topic = topics.device_up(self.config.device_id, "evidence")
+        try:
+            handle = client.publish(topic, encode_plain(evidence, ts=int(self._clock() * 1000)), qos=1,
+                                    timeout=EVIDENCE_ACK_TIMEOUT)
+            handle.wait(EVIDENCE_ACK_TIMEOUT)
+        except TransportError as exc:
+            self._count("challenges_missed")
+            self._count("publish_failures")
+            self._log.warning("evidence_not_delivered", challenge_id=challenge.challenge_id,
+                              error=exc.diagnostics())
+            return
+        self._count("challenges_answered")
+        self._log.info("challenge_answered", challenge_id=challenge.challenge_id,
+                       eventlog_offset=evidence.eventlog_offset, eventlog_bytes=len(evidence.eventlog),
+                       pcrs=sum(len(v) for v in evidence.pcrs.values()), evidence_ms=tpm_ms)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        self._stop.set()
+        self._mailbox.wake()
+        client, self._client = self._client, None
+        if client is not None:
+            client.stop()  # also fails a publish the worker waits on
+        worker = self._worker
+        if worker is not None:
+            worker.join(STOP_TIMEOUT)
+        self._drop_tpm()
+        self._set_phase("failed" if self._error is not None else "stopped")
+        self._write_status(force=True)
+        self._log.info("agent_stopped", phase=self.status().phase)

@@ -22,6 +22,12 @@ from protocol.errors import EdgeError
 COMMANDS: dict[str, str] = {
     "eventlog": "eventlog_cmd",
     "quote": "quote_cmd",
+    "init": "init_cmd",
+    "run": "run_cmd",
+    "db": "db_cmd",
+    "device": "device_cmd",
+    "policy": "policy_cmd",
+    "claim": "claim_cmd",
 }
 
 

@@ -1,7 +1,9 @@
 """Database tables (SQLModel): the single source of the schema. Rows never leave the storage layer: the
 repository (:mod:`fleet_server.storage.repo`) converts them to frozen dataclasses at the boundary.
 
-Conventions: times are integer milliseconds since the Unix epoch (``*_at``, ``*_ms``); JSON columns
+Conventions: times are integer milliseconds since the Unix epoch (``*_at``, ``*_ms``), stored as
+64-bit integers (``BIGINT``: they overflow PostgreSQL's 32-bit ``INTEGER``), as are TPM counters and
+clocks (UINT32/UINT64 in the TPM); JSON columns
 are canonical JSON text; byte columns hold public material only (certificates, public areas,
 nonces, digests, event logs). Secrets are never stored: an enrollment session keeps SHA-256 of the
 expected proof, not the credential secret; private keys live in files (0600), never here.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from sqlalchemy import BigInteger, Index, text
 from sqlmodel import Field, SQLModel
 
 
@@ -48,36 +51,49 @@ class ChallengeStatus(StrEnum):
 
 
 class Device(SQLModel, table=True):
+    """One device. Column order matters for SQLite: small, hot columns first, blobs last (a row is
+    rewritten whole on every update, and reading a column walks the columns before it)."""
+
     id: str = Field(primary_key=True, max_length=63)
     state: str = Field(index=True, max_length=16)
     device_class: str = Field(index=True, max_length=64)
     firmware_version: str = Field(index=True, max_length=64)
-    ek_cert: bytes
     ek_fingerprint: str = Field(unique=True, index=True, max_length=64)  # SHA-256 of the EK cert DER
-    ek_public: bytes
-    ak_public: bytes
-    ak_name: bytes
-    csr: bytes | None = None                                             # DER CSR kept until admitted
-    enroll_request_id: str | None = Field(default=None, max_length=32)   # request_id of the latest proof
-    cert_serial: str | None = Field(default=None, max_length=64)        # device MQTT cert serial (hex)
-    created_at: int
-    updated_at: int
-    state_changed_at: int
-    state_reasons: str = "[]"                                            # JSON list of strings
-    last_attestation_at: int | None = None
+    enroll_request_id: str | None = Field(default=None, max_length=32)  # request_id of the latest proof
+    cert_serial: str | None = Field(default=None, max_length=64)  # device MQTT cert serial (hex)
+    created_at: int = Field(sa_type=BigInteger)
+    updated_at: int = Field(sa_type=BigInteger)
+    state_changed_at: int = Field(sa_type=BigInteger)
+    last_attestation_at: int | None = Field(default=None, sa_type=BigInteger)
     last_verdict: str | None = Field(default=None, max_length=16)
-    trusted_until: int | None = None                                     # expiry of the latest good result
-    next_attestation_at: int | None = Field(default=None, index=True)   # the re-attestation schedule
-    last_challenge_at: int | None = None                                 # rate limit of attest.request
+    trusted_until: int | None = Field(default=None, sa_type=BigInteger)  # expiry of the latest good result
+    next_attestation_at: int | None = Field(default=None, index=True, sa_type=BigInteger)  # the schedule
+    last_challenge_at: int | None = Field(default=None, sa_type=BigInteger)  # rate limit of attest.request
     missed_challenges: int = 0
-    # The appraised event log of the current boot (incremental re-attestation) and TPM clock state.
-    boot_reset_count: int | None = None
-    boot_restart_count: int | None = None
-    last_clock: int | None = None
-    held_log: bytes | None = None
+    # TPM clock state of the current boot and the digest and size of its held event log (the log
+    # itself is in HeldLog, so that the hot update of this row never rewrites it).
+    boot_reset_count: int | None = Field(default=None, sa_type=BigInteger)
+    boot_restart_count: int | None = Field(default=None, sa_type=BigInteger)
+    last_clock: int | None = Field(default=None, sa_type=BigInteger)
     held_log_sha256: bytes | None = None
-    last_pcrs: str | None = None                                         # JSON {bank: {pcr: hex}}
+    held_log_size: int = 0
     policy_id: int | None = Field(default=None, foreign_key="policy.id")  # policy of the latest appraisal
+    ak_public: bytes                                                     # TPM2B_PUBLIC of the AK
+    state_reasons: str = "[]"                                            # JSON list of strings
+    last_pcrs: str | None = None                                         # JSON {bank: {pcr: hex}}
+    ak_name: bytes
+    ek_public: bytes
+    ek_cert: bytes
+    csr: bytes | None = None                                             # DER CSR kept until admitted
+
+
+class HeldLog(SQLModel, table=True):
+    """The appraised event log of a device's current boot (incremental re-attestation, see
+    docs/protocol.md). Written only when it changes; ``device.held_log_sha256`` names it."""
+
+    device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=63)
+    log: bytes
+    sha256: bytes
 
 
 class PreregisteredEk(SQLModel, table=True):
@@ -86,13 +102,13 @@ class PreregisteredEk(SQLModel, table=True):
     ek_fingerprint: str = Field(primary_key=True, max_length=64)
     device_class: str | None = Field(default=None, max_length=64)
     note: str = ""
-    created_at: int
+    created_at: int = Field(sa_type=BigInteger)
 
 
 class EnrollmentSession(SQLModel, table=True):
     """An enrollment in progress (between enroll.request and enroll.proof)."""
 
-    id: str = Field(primary_key=True, max_length=32)                    # request_id
+    id: str = Field(primary_key=True, max_length=32)  # request_id
     device_id: str = Field(index=True, max_length=63)
     proof_sha256: bytes                                                  # SHA-256 of the expected proof
     ek_cert: bytes
@@ -102,20 +118,30 @@ class EnrollmentSession(SQLModel, table=True):
     csr: bytes
     device_class: str = Field(max_length=64)
     firmware_version: str = Field(max_length=64)
-    created_at: int
-    expires_at: int
-    status: str = Field(default="open", max_length=16)                  # open | done | failed | superseded
+    created_at: int = Field(sa_type=BigInteger)
+    expires_at: int = Field(sa_type=BigInteger)
+    status: str = Field(default="open", max_length=16)  # open | done | failed | superseded
 
 
 class Challenge(SQLModel, table=True):
+    # Only open challenges are looked up by device (hello, supersede) or deadline (expiry): partial
+    # indexes stay as small as the set of open challenges, however long the history kept.
+    # issued_at serves retention.
+    __table_args__ = (
+        Index("ix_challenge_open_deadline", "deadline", sqlite_where=text("status = 'open'"),
+              postgresql_where=text("status = 'open'")),
+        Index("ix_challenge_open_device", "device_id", sqlite_where=text("status = 'open'"),
+              postgresql_where=text("status = 'open'")),
+    )
+
     id: str = Field(primary_key=True, max_length=32)
-    device_id: str = Field(index=True, max_length=63)
+    device_id: str = Field(max_length=63)
     nonce: bytes
     selection: str                                                       # JSON {bank: [pcr, ...]}
-    issued_at: int
-    deadline: int = Field(index=True)
-    status: str = Field(default="open", index=True, max_length=12)      # see ChallengeStatus
-    cause: str = Field(default="periodic", max_length=16)                # periodic | boot | reconnect | ...
+    issued_at: int = Field(index=True, sa_type=BigInteger)
+    deadline: int = Field(sa_type=BigInteger)
+    status: str = Field(default="open", max_length=12)                   # see ChallengeStatus
+    cause: str = Field(default="periodic", max_length=16)  # periodic | boot | reconnect | ...
     log_offset: int = 0                                                  # held log bytes offered
     log_sha256: bytes = b""                                              # SHA-256 of that prefix
 
@@ -124,23 +150,23 @@ class Attestation(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True, max_length=63)
     challenge_id: str = Field(max_length=32)
-    issued_at: int                                                       # challenge sent
-    received_at: int                                                     # evidence received
-    stored_at: int = Field(index=True)                                   # result stored
-    latency_ms: int = 0                                                  # stored_at - issued_at
+    issued_at: int = Field(sa_type=BigInteger)                           # challenge sent
+    received_at: int = Field(sa_type=BigInteger)                         # evidence received
+    stored_at: int = Field(index=True, sa_type=BigInteger)               # result stored
+    latency_ms: int = Field(default=0, sa_type=BigInteger)               # stored_at - issued_at
     verdict: str = Field(max_length=16)
     reasons: str = "[]"
     evidence_sha256: bytes
     policy_id: int | None = None
-    reset_count: int | None = None
-    restart_count: int | None = None
-    clock: int | None = None
+    reset_count: int | None = Field(default=None, sa_type=BigInteger)
+    restart_count: int | None = Field(default=None, sa_type=BigInteger)
+    clock: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class StateChange(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True, max_length=63)
-    at: int = Field(index=True)
+    at: int = Field(index=True, sa_type=BigInteger)
     from_state: str | None = Field(default=None, max_length=16)
     to_state: str = Field(max_length=16)
     cause: str
@@ -154,9 +180,9 @@ class Policy(SQLModel, table=True):
     device_class: str = Field(index=True, max_length=64)
     firmware_version: str = Field(index=True, max_length=64)
     reference: str                                                       # JSON, see appraisal.policy
-    reference_sha256: str = Field(default="", max_length=64)             # cache key of the parsed policy
+    reference_sha256: str = Field(default="", max_length=64)  # cache key of the parsed policy
     selection: str = "{}"                                                # JSON {bank: [pcr, ...]} to quote
-    created_at: int
+    created_at: int = Field(sa_type=BigInteger)
     created_by: str = Field(default="", max_length=64)
     active: bool = True
 
@@ -166,8 +192,8 @@ class Counter(SQLModel, table=True):
 
     worker: str = Field(primary_key=True, max_length=64)
     name: str = Field(primary_key=True, max_length=96)
-    value: int = 0
-    updated_at: int = 0
+    value: int = Field(default=0, sa_type=BigInteger)
+    updated_at: int = Field(default=0, sa_type=BigInteger)
 
 
 class Outbox(SQLModel, table=True):
@@ -181,7 +207,7 @@ class Outbox(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     topic: str = Field(max_length=256)
     payload: bytes
-    created_at: int = Field(index=True)
-    sent_at: int | None = Field(default=None, index=True)
-    claimed_until: int | None = None
+    created_at: int = Field(index=True, sa_type=BigInteger)
+    sent_at: int | None = Field(default=None, index=True, sa_type=BigInteger)
+    claimed_until: int | None = Field(default=None, sa_type=BigInteger)
     attempts: int = 0

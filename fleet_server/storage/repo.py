@@ -3,19 +3,21 @@
 Rows are converted to frozen dataclasses here; table classes never leave this module. Two kinds of
 access:
 
-* **Reads** on :class:`Repository` run in their own short transaction (``BEGIN`` ... ``COMMIT``)
-  and never take the write lock.
+* **Reads** on :class:`Repository` run in their own short transaction and never take the write
+  lock (admin commands, the console, cache misses).
 * **Writes** go through :meth:`Repository.write`, a context manager yielding a :class:`Tx`: one
   database transaction that commits when the block ends and rolls back on an exception. On SQLite
   it begins with ``BEGIN IMMEDIATE`` (writers are serialised from the first statement, so what a
-  :class:`Tx` reads stays true until it commits); on PostgreSQL the ``lock_*`` and ``claim_*``
-  methods use ``SELECT ... FOR UPDATE`` (with ``SKIP LOCKED`` where rows are being handed out), so
-  concurrent workers neither block each other on the same rows nor hand out a row twice.
+  :class:`Tx` reads stays true until it commits); on PostgreSQL the queries of a :class:`Tx` that
+  decide something lock their rows (``SELECT ... FOR UPDATE``, with ``SKIP LOCKED`` where rows are
+  handed out: due devices, outbox rows), so concurrent workers never hand out a row twice.
 
-The hot path (a batch of evidence) costs a constant number of statements per batch, not per
-message: one ``SELECT ... IN`` for the evidence context, then in the write transaction one locking
-``SELECT ... IN`` per table and one ``executemany`` per kind of change. Everything uses SQLAlchemy
-Core statements on the SQLModel tables (compiled once and cached by SQLAlchemy), never ORM objects.
+The hot path costs a constant number of statements per batch, not per message: one query for the
+contexts of all evidence of the batch (challenge joined with device), one for the devices of all
+``attest.request`` and their open challenges, and one ``executemany`` per kind of change. These
+statements are SQLAlchemy Core statements on the SQLModel tables, compiled once per dialect (and
+``IN`` list length) and executed with the driver directly, so neither compilation nor SQLAlchemy's
+per-row parameter and result processing is paid per message; no ORM objects anywhere.
 
 Database failures are converted to :class:`~protocol.errors.StorageError` (one line, no parameters).
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -48,7 +51,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fleet_server.storage import models
 from fleet_server.storage.db import storage_error, write_connection
-from fleet_server.storage.models import ATTESTED_STATES, ChallengeStatus
+from fleet_server.storage.models import ATTESTED_STATES, ChallengeStatus, DeviceState
 from protocol.errors import StorageError
 
 _TABLES = models.SQLModel.metadata.tables
@@ -61,11 +64,14 @@ _STATECHANGE: Table = _TABLES["statechange"]
 _POLICY: Table = _TABLES["policy"]
 _COUNTER: Table = _TABLES["counter"]
 _OUTBOX: Table = _TABLES["outbox"]
+_HELDLOG: Table = _TABLES["heldlog"]
 
 d = _DEVICE.c
 c = _CHALLENGE.c
 
-_ATTESTED = sorted(str(s) for s in ATTESTED_STATES)
+# Schedule queries filter with NOT IN so that SQLite's planner walks the next_attestation_at index in
+# order instead of the state index followed by a sort of every attested device.
+_NOT_ATTESTED = sorted(str(s) for s in DeviceState if s not in ATTESTED_STATES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,6 +80,11 @@ _ATTESTED = sorted(str(s) for s in ATTESTED_STATES)
 def dumps(value: Any) -> str:
     """Canonical compact JSON text for a JSON column."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def reasons_json(reasons: Sequence[str]) -> str:
+    """A JSON list of reasons (the common empty list without calling the encoder)."""
+    return dumps(list(reasons)) if reasons else "[]"
 
 
 def _reasons(text: str | None) -> tuple[str, ...]:
@@ -214,6 +225,7 @@ class EvidenceContext:
     log_offset: int
     log_sha256: bytes
     device_state: str
+    state_changed_at: int
     ak_public: bytes
     device_class: str
     firmware_version: str
@@ -237,16 +249,6 @@ class HeldLog:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceLock:
-    """A device row as seen (and locked) inside a write transaction."""
-
-    id: str
-    state: str
-    state_changed_at: int
-    held_log_sha256: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
 class HelloContext:
     """What answering an ``attest.request`` needs: the device, its open challenge, its held log."""
 
@@ -256,6 +258,7 @@ class HelloContext:
     firmware_version: str
     policy_id: int | None
     last_challenge_at: int | None
+    next_attestation_at: int | None
     held_log_size: int
     held_log_sha256: bytes | None
     open_challenge: IssuedChallenge | None
@@ -426,7 +429,7 @@ _DEVICE_COLUMNS = (d.id, d.state, d.device_class, d.firmware_version, d.ek_finge
                    d.created_at, d.updated_at, d.state_changed_at, d.state_reasons, d.last_attestation_at,
                    d.last_verdict, d.trusted_until, d.next_attestation_at, d.missed_challenges,
                    d.boot_reset_count, d.boot_restart_count, d.last_clock,
-                   func.coalesce(func.length(d.held_log), 0).label("held_log_size"), d.policy_id, d.last_pcrs)
+                   d.held_log_size, d.policy_id, d.last_pcrs)
 
 
 def _device(row: Any) -> DeviceRecord:
@@ -496,49 +499,131 @@ def _session(row: Any) -> EnrollmentSessionRecord:
 
 
 # Statements of the hot path, built once (SQLAlchemy caches their compiled form).
-_EVIDENCE_CONTEXT = (
-    select(c.id, c.device_id, c.nonce, c.selection, c.issued_at, c.deadline, c.status, c.log_offset,
-           c.log_sha256, d.state, d.ak_public, d.device_class, d.firmware_version, d.policy_id,
-           d.boot_reset_count, d.boot_restart_count, d.last_clock, d.held_log_sha256)
-    .select_from(_CHALLENGE.join(_DEVICE, d.id == c.device_id))
-    .where(c.id.in_(bindparam("ids", expanding=True)))
-)
-_LOCK_OPEN_CHALLENGES = (
-    select(c.id).where(c.id.in_(bindparam("ids", expanding=True)), c.status == ChallengeStatus.OPEN)
-    .with_for_update()
-)
-_LOCK_DEVICES = (
-    select(d.id, d.state, d.state_changed_at, d.held_log_sha256)
-    .where(d.id.in_(bindparam("ids", expanding=True))).with_for_update()
-)
+_EVIDENCE_CONTEXT_COLUMNS = (
+    c.id, c.device_id, c.nonce, c.selection, c.issued_at, c.deadline, c.status, c.log_offset, c.log_sha256,
+    d.state, d.state_changed_at, d.ak_public, d.device_class, d.firmware_version, d.policy_id,
+    d.boot_reset_count, d.boot_restart_count, d.last_clock, d.held_log_sha256)
+_ACTIVE_POLICIES = select(*_POLICY_HEADER_COLUMNS).where(_POLICY.c.active.is_(True))
 _MARK_CHALLENGE = (
     update(_CHALLENGE).where(c.id == bindparam("b_id")).values(status=bindparam("b_status"))
 )
-_APPRAISED_COMMON = {
+_APPRAISED_COMMON: dict[str, Any] = {
     "state": bindparam("b_state"), "state_changed_at": bindparam("b_state_changed_at"),
     "state_reasons": bindparam("b_state_reasons"), "last_attestation_at": bindparam("b_last_attestation_at"),
     "last_verdict": bindparam("b_last_verdict"), "trusted_until": bindparam("b_trusted_until"),
-    "missed_challenges": 0, "boot_reset_count": bindparam("b_boot_reset_count"),
+    "missed_challenges": bindparam("b_missed"), "boot_reset_count": bindparam("b_boot_reset_count"),
     "boot_restart_count": bindparam("b_boot_restart_count"), "last_clock": bindparam("b_last_clock"),
     "last_pcrs": bindparam("b_last_pcrs"), "updated_at": bindparam("b_last_attestation_at"),
     "policy_id": bindparam("b_policy_id"),
 }
 _UPDATE_APPRAISED = update(_DEVICE).where(d.id == bindparam("b_id")).values(**_APPRAISED_COMMON)
 _UPDATE_APPRAISED_LOG = update(_DEVICE).where(d.id == bindparam("b_id")).values(
-    **_APPRAISED_COMMON, held_log=bindparam("b_held_log"), held_log_sha256=bindparam("b_held_log_sha256"))
-_INSERT_ATTESTATION = insert(_ATTESTATION)
-_INSERT_STATECHANGE = insert(_STATECHANGE)
-_INSERT_CHALLENGE = insert(_CHALLENGE)
+    **_APPRAISED_COMMON, held_log_size=bindparam("b_held_log_size"),
+    held_log_sha256=bindparam("b_held_log_sha256"))
+_ATTESTATION_KEYS = ("device_id", "challenge_id", "issued_at", "received_at", "stored_at", "latency_ms",
+                     "verdict", "reasons", "evidence_sha256", "policy_id", "reset_count", "restart_count",
+                     "clock")
+_STATECHANGE_KEYS = ("device_id", "at", "from_state", "to_state", "cause")
+_CHALLENGE_KEYS = ("id", "device_id", "nonce", "selection", "issued_at", "deadline", "status", "cause",
+                   "log_offset", "log_sha256")
+# ``inline()``: no RETURNING of generated keys (the hot path never needs them).
+_INSERT_ATTESTATION = insert(_ATTESTATION).inline()
+_INSERT_STATECHANGE = insert(_STATECHANGE).inline()
+_INSERT_CHALLENGE = insert(_CHALLENGE).inline()
+
+
+_IN_SQL: dict[tuple[str, str, int], tuple[str, tuple[str, ...] | None]] = {}
+
+
+def _in_rows(conn: Connection, key: str, build: Callable[[list[Any]], Any], values: Sequence[Any]
+             ) -> Sequence[Any]:
+    """Rows (plain tuples) of the query ``build([bindparam, ...])`` for an ``IN`` list of ``values``.
+
+    The query is compiled by SQLAlchemy once per dialect and number of values (cached under ``key``)
+    and executed by the driver: the hot path pays neither compilation nor SQLAlchemy's per-row
+    result processing.
+    """
+    cache_key = (key, conn.dialect.name, len(values))
+    found = _IN_SQL.get(cache_key)
+    if found is None:
+        compiled = build([bindparam(f"v{i}") for i in range(len(values))]).compile(dialect=conn.dialect)
+        order = tuple(compiled.positiontup or ()) if conn.dialect.positional else None
+        found = _IN_SQL[cache_key] = (compiled.string, order)
+    sql, order = found
+    named = {f"v{i}": v for i, v in enumerate(values)}
+    params: Any = tuple(named[k] for k in order) if order is not None else named
+    return conn.exec_driver_sql(sql, params).all()
+
+
+def _context_query(binds: list[Any]) -> Any:
+    return (select(*_EVIDENCE_CONTEXT_COLUMNS).select_from(_CHALLENGE.join(_DEVICE, d.id == c.device_id))
+            .where(c.id.in_(binds)).with_for_update())
+
+
+_HELLO_DEVICE_COLUMNS = (d.id, d.state, d.device_class, d.firmware_version, d.policy_id, d.last_challenge_at,
+                         d.next_attestation_at, d.held_log_size, d.held_log_sha256)
+
+
+def _hello_devices_query(binds: list[Any]) -> Any:
+    return select(*_HELLO_DEVICE_COLUMNS).where(d.id.in_(binds)).with_for_update()
+
+
+def _open_challenges_query(binds: list[Any]) -> Any:
+    return (select(*_CHALLENGE_COLUMNS)
+            .where(c.device_id.in_(binds), c.status == literal_column("'open'")).order_by(c.issued_at))
+
+
+_SET_NEXT = update(_DEVICE).where(d.id == bindparam("b_id")).values(next_attestation_at=bindparam("b_next"))
+_SET_NEXT_LAST = update(_DEVICE).where(d.id == bindparam("b_id")).values(
+    next_attestation_at=bindparam("b_next"), last_challenge_at=bindparam("b_last"))
+
+
+class _Compiled:
+    """A Core statement compiled once per dialect, executed with the DBAPI's ``executemany``.
+
+    SQLAlchemy's own ``executemany`` processes every parameter set in Python (type processors, key
+    escaping); for the few plain columns of the hot path (str, int, bytes, None: no processors are
+    needed on SQLite or psycopg) binding them directly costs a fraction of that. ``keys`` must name
+    every bound parameter of the statement.
+    """
+
+    _cache: dict[tuple[int, str], _Compiled] = {}
+
+    def __init__(self, stmt: Any, keys: Sequence[str] | None, dialect: Any) -> None:
+        compiled = stmt.compile(dialect=dialect, column_keys=list(keys) if keys is not None else None)
+        self.sql = compiled.string
+        self.order: tuple[str, ...] | None = (tuple(compiled.positiontup or ())
+                                               if dialect.positional else None)
+        names = set(self.order) if self.order is not None else set(compiled.binds)
+        if keys is not None and not names <= set(keys):
+            raise StorageError(f"statement needs parameters {sorted(names - set(keys))}")
+
+    @classmethod
+    def of(cls, stmt: Any, keys: Sequence[str] | None, conn: Connection) -> _Compiled:
+        key = (id(stmt), conn.dialect.name)
+        found = cls._cache.get(key)
+        if found is None:
+            found = cls._cache[key] = cls(stmt, keys, conn.dialect)
+        return found
+
+    def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.order is not None:
+            order = self.order
+            conn.exec_driver_sql(self.sql, [tuple(row[k] for k in order) for row in rows])
+        else:
+            conn.exec_driver_sql(self.sql, [dict(row) for row in rows])
 
 
 def _appraised_params(u: AppraisedDevice) -> dict[str, Any]:
     params = {"b_id": u.id, "b_state": u.state, "b_state_changed_at": u.state_changed_at,
-              "b_state_reasons": dumps(list(u.state_reasons)), "b_last_attestation_at": u.last_attestation_at,
+              "b_state_reasons": reasons_json(u.state_reasons),
+              "b_last_attestation_at": u.last_attestation_at,
               "b_last_verdict": u.last_verdict, "b_trusted_until": u.trusted_until,
               "b_boot_reset_count": u.boot_reset_count, "b_boot_restart_count": u.boot_restart_count,
-              "b_last_clock": u.last_clock, "b_last_pcrs": u.last_pcrs, "b_policy_id": u.policy_id}
+              "b_last_clock": u.last_clock, "b_last_pcrs": u.last_pcrs, "b_policy_id": u.policy_id,
+              "b_missed": 0}
     if u.held_log_set:
-        params["b_held_log"] = u.held_log or None
+        params["b_held_log_size"] = len(u.held_log or b"")
         params["b_held_log_sha256"] = u.held_log_sha256 if u.held_log else None
     return params
 
@@ -558,34 +643,48 @@ class Tx:
         return self.conn.execute(stmt, params or {}).all()
 
     # -- evidence ----------------------------------------------------------------------------------
-    def lock_open_challenges(self, ids: Sequence[str]) -> set[str]:
-        """Those of ``ids`` that are still open (locked until commit)."""
-        if not ids:
-            return set()
-        return {r[0] for r in self._all(_LOCK_OPEN_CHALLENGES, {"ids": list(ids)})}
+    def evidence_contexts(self, challenge_ids: Sequence[str]) -> dict[str, EvidenceContext]:
+        """The context of every known challenge id in ``challenge_ids``: challenge and device in one
+        query (rows locked until commit)."""
+        out: dict[str, EvidenceContext] = {}
+        if challenge_ids:
+            for r in _in_rows(self.conn, "evidence-context", _context_query, sorted(set(challenge_ids))):
+                out[r[0]] = EvidenceContext(
+                    challenge_id=r[0], device_id=r[1], nonce=bytes(r[2]), selection=selection_from_text(r[3]),
+                    issued_at=r[4], deadline=r[5], status=r[6], log_offset=r[7], log_sha256=bytes(r[8]),
+                    device_state=r[9], state_changed_at=r[10], ak_public=bytes(r[11]), device_class=r[12],
+                    firmware_version=r[13], policy_id=r[14], boot_reset_count=r[15], boot_restart_count=r[16],
+                    last_clock=r[17], held_log_sha256=None if r[18] is None else bytes(r[18]))
+        return out
 
-    def lock_devices(self, ids: Iterable[str]) -> dict[str, DeviceLock]:
-        """The current state of devices ``ids`` (locked until commit)."""
-        unique = sorted(set(ids))
-        if not unique:
-            return {}
-        rows = self._all(_LOCK_DEVICES, {"ids": unique})
-        return {r.id: DeviceLock(r.id, r.state, r.state_changed_at, _opt_bytes(r.held_log_sha256))
-                for r in rows}
+    def active_policies(self) -> list[PolicyHeader]:
+        """Headers of every active policy (small; read once per batch)."""
+        return [_policy_header(r) for r in self.conn.execute(_ACTIVE_POLICIES)]
+
+    def held_log(self, device_id: str) -> HeldLog | None:
+        """The device's held event log, or ``None`` if it holds none."""
+        h = _HELDLOG.c
+        stmt = (select(h.log, h.sha256, d.boot_reset_count, d.boot_restart_count, d.last_clock)
+                .select_from(_HELDLOG.join(_DEVICE, d.id == h.device_id)).where(h.device_id == device_id))
+        row = self.conn.execute(stmt).first()
+        if row is None:
+            return None
+        return HeldLog(device_id, bytes(row.log), bytes(row.sha256), row.boot_reset_count,
+                       row.boot_restart_count, row.last_clock)
 
     def mark_challenges(self, ids: Iterable[str], status: str) -> None:
         """Set the status of challenges ``ids`` (e.g. ``used``)."""
         params = [{"b_id": i, "b_status": status} for i in ids]
         if params:
-            self.conn.execute(_MARK_CHALLENGE, params)
+            _Compiled.of(_MARK_CHALLENGE, ("b_id", "b_status"), self.conn).executemany(self.conn, params)
 
     def insert_attestations(self, rows: Sequence[NewAttestation]) -> None:
         if not rows:
             return
-        self.conn.execute(_INSERT_ATTESTATION, [
+        _Compiled.of(_INSERT_ATTESTATION, _ATTESTATION_KEYS, self.conn).executemany(self.conn, [
             {"device_id": a.device_id, "challenge_id": a.challenge_id, "issued_at": a.issued_at,
              "received_at": a.received_at, "stored_at": a.stored_at, "latency_ms": a.stored_at - a.issued_at,
-             "verdict": a.verdict, "reasons": dumps(list(a.reasons)), "evidence_sha256": a.evidence_sha256,
+             "verdict": a.verdict, "reasons": reasons_json(a.reasons), "evidence_sha256": a.evidence_sha256,
              "policy_id": a.policy_id, "reset_count": a.reset_count, "restart_count": a.restart_count,
              "clock": a.clock} for a in rows])
 
@@ -595,34 +694,55 @@ class Tx:
         plain = [_appraised_params(u) for u in rows if not u.held_log_set]
         with_log = [_appraised_params(u) for u in rows if u.held_log_set]
         if plain:
-            self.conn.execute(_UPDATE_APPRAISED, plain)
+            _Compiled.of(_UPDATE_APPRAISED, None, self.conn).executemany(self.conn, plain)
         if with_log:
-            self.conn.execute(_UPDATE_APPRAISED_LOG, with_log)
+            _Compiled.of(_UPDATE_APPRAISED_LOG, None, self.conn).executemany(self.conn, with_log)
+            self.set_held_logs([(u.id, u.held_log or b"", u.held_log_sha256) for u in rows if u.held_log_set])
+
+    def set_held_logs(self, rows: Sequence[tuple[str, bytes, bytes | None]]) -> None:
+        """Replace the held event logs of devices: (device id, log, its SHA-256); an empty log deletes.
+        The caller sets ``device.held_log_sha256``/``held_log_size`` to match."""
+        ids = [device_id for device_id, _, _ in rows]
+        if not ids:
+            return
+        self.conn.execute(delete(_HELDLOG).where(_HELDLOG.c.device_id.in_(ids)))
+        keep = [{"device_id": i, "log": log, "sha256": sha} for i, log, sha in rows if log and sha]
+        if keep:
+            self.conn.execute(insert(_HELDLOG), keep)
+
+    def clear_held_log(self, device_id: str) -> None:
+        """Drop the device's held log (and its digest on the device row)."""
+        self.conn.execute(update(_DEVICE).where(d.id == device_id)
+                          .values(held_log_sha256=None, held_log_size=0))
+        self.set_held_logs([(device_id, b"", None)])
 
     def insert_state_changes(self, rows: Sequence[NewStateChange]) -> None:
         if rows:
-            self.conn.execute(_INSERT_STATECHANGE, [
+            _Compiled.of(_INSERT_STATECHANGE, _STATECHANGE_KEYS, self.conn).executemany(self.conn, [
                 {"device_id": s.device_id, "at": s.at, "from_state": s.from_state, "to_state": s.to_state,
                  "cause": s.cause[:2000]} for s in rows])
 
     # -- challenges --------------------------------------------------------------------------------
+    def hello_contexts(self, device_ids: Sequence[str]) -> dict[str, HelloContext]:
+        """Each known device of ``device_ids`` (locked) with its newest open challenge: two queries
+        for a whole batch of ``attest.request``."""
+        ids = sorted(set(device_ids))
+        if not ids:
+            return {}
+        newest: dict[str, IssuedChallenge] = {}
+        for r in _in_rows(self.conn, "open-challenges", _open_challenges_query, ids):
+            newest[r[1]] = IssuedChallenge(id=r[0], device_id=r[1], nonce=bytes(r[2]),
+                                           selection=selection_from_text(r[3]), issued_at=r[4], deadline=r[5],
+                                           status=r[6], cause=r[7], log_offset=r[8], log_sha256=bytes(r[9]))
+        return {r[0]: HelloContext(device_id=r[0], state=r[1], device_class=r[2], firmware_version=r[3],
+                                   policy_id=r[4], last_challenge_at=r[5], next_attestation_at=r[6],
+                                   held_log_size=int(r[7] or 0), held_log_sha256=_opt_bytes(r[8]),
+                                   open_challenge=newest.get(r[0]))
+                for r in _in_rows(self.conn, "hello-devices", _hello_devices_query, ids)}
+
     def hello_context(self, device_id: str) -> HelloContext | None:
         """The device and its newest open challenge, locked (``attest.request``)."""
-        row = self.conn.execute(
-            select(d.id, d.state, d.device_class, d.firmware_version, d.policy_id, d.last_challenge_at,
-                   func.coalesce(func.length(d.held_log), 0).label("held_log_size"), d.held_log_sha256)
-            .where(d.id == device_id).with_for_update()).first()
-        if row is None:
-            return None
-        open_row = self.conn.execute(
-            select(*_CHALLENGE_COLUMNS).where(c.device_id == device_id, c.status == ChallengeStatus.OPEN)
-            .order_by(c.issued_at.desc()).limit(1)).first()
-        return HelloContext(device_id=row.id, state=row.state, device_class=row.device_class,
-                            firmware_version=row.firmware_version, policy_id=row.policy_id,
-                            last_challenge_at=row.last_challenge_at,
-                            held_log_size=int(row.held_log_size or 0),
-                            held_log_sha256=_opt_bytes(row.held_log_sha256),
-                            open_challenge=None if open_row is None else _challenge(open_row))
+        return self.hello_contexts([device_id]).get(device_id)
 
     def supersede_open_challenges(self, device_ids: Iterable[str]) -> int:
         """Mark every open challenge of ``device_ids`` superseded (one open challenge per device)."""
@@ -630,13 +750,13 @@ class Tx:
         if not ids:
             return 0
         result = self.conn.execute(
-            update(_CHALLENGE).where(c.device_id.in_(ids), c.status == ChallengeStatus.OPEN)
+            update(_CHALLENGE).where(c.device_id.in_(ids), c.status == literal_column("'open'"))
             .values(status=ChallengeStatus.SUPERSEDED))
         return int(result.rowcount or 0)
 
     def insert_challenges(self, rows: Sequence[NewChallenge]) -> None:
         if rows:
-            self.conn.execute(_INSERT_CHALLENGE, [
+            _Compiled.of(_INSERT_CHALLENGE, _CHALLENGE_KEYS, self.conn).executemany(self.conn, [
                 {"id": n.id, "device_id": n.device_id, "nonce": n.nonce, "selection": n.selection,
                  "issued_at": n.issued_at, "deadline": n.deadline, "status": ChallengeStatus.OPEN,
                  "cause": n.cause[:16], "log_offset": n.log_offset, "log_sha256": n.log_sha256}
@@ -647,19 +767,17 @@ class Tx:
         with_challenge = [{"b_id": i, "b_next": n, "b_last": last} for i, n, last in rows if last is not None]
         without = [{"b_id": i, "b_next": n} for i, n, last in rows if last is None]
         if with_challenge:
-            self.conn.execute(update(_DEVICE).where(d.id == bindparam("b_id"))
-                              .values(next_attestation_at=bindparam("b_next"),
-                                      last_challenge_at=bindparam("b_last")), with_challenge)
+            _Compiled.of(_SET_NEXT_LAST, ("b_id", "b_next", "b_last"), self.conn).executemany(
+                self.conn, with_challenge)
         if without:
-            self.conn.execute(update(_DEVICE).where(d.id == bindparam("b_id"))
-                              .values(next_attestation_at=bindparam("b_next")), without)
+            _Compiled.of(_SET_NEXT, ("b_id", "b_next"), self.conn).executemany(self.conn, without)
 
     def claim_due_devices(self, now: int, limit: int) -> list[DueDevice]:
         """Attested devices whose ``next_attestation_at`` is due, oldest first (``SKIP LOCKED`` on
         PostgreSQL). The caller must move their schedule in this transaction."""
         stmt = (select(d.id, d.next_attestation_at, d.device_class, d.firmware_version, d.policy_id,
-                       func.coalesce(func.length(d.held_log), 0).label("held_log_size"), d.held_log_sha256)
-                .where(d.next_attestation_at <= now, d.state.in_(_ATTESTED))
+                       d.held_log_size, d.held_log_sha256)
+                .where(d.next_attestation_at <= now, d.state.not_in(_NOT_ATTESTED))
                 .order_by(d.next_attestation_at).limit(limit).with_for_update(skip_locked=True))
         return [DueDevice(id=r.id, next_attestation_at=r.next_attestation_at, device_class=r.device_class,
                           firmware_version=r.firmware_version, policy_id=r.policy_id,
@@ -667,10 +785,19 @@ class Tx:
                           held_log_sha256=None if r.held_log_sha256 is None else bytes(r.held_log_sha256))
                 for r in self._all(stmt)]
 
+    def overdue_devices(self, before: int, limit: int) -> list[str]:
+        """Ids of attested devices whose ``next_attestation_at`` is before ``before`` (``SKIP LOCKED``
+        on PostgreSQL). The caller must move their schedule in this transaction."""
+        stmt = (select(d.id).where(d.next_attestation_at < before, d.state.not_in(_NOT_ATTESTED))
+                .order_by(d.next_attestation_at).limit(limit).with_for_update(skip_locked=True))
+        return [r[0] for r in self._all(stmt)]
+
     def expire_challenges(self, before: int, limit: int) -> list[ExpiredChallenge]:
         """Mark open challenges whose deadline is before ``before`` expired; return them."""
+        # The literal (not a bound parameter) lets PostgreSQL's generic plans use the partial index
+        # of open challenges too.
         rows = self._all(select(c.id, c.device_id)
-                         .where(c.status == ChallengeStatus.OPEN, c.deadline < before)
+                         .where(c.status == literal_column("'open'"), c.deadline < before)
                          .order_by(c.deadline).limit(limit).with_for_update(skip_locked=True))
         if not rows:
             return []
@@ -932,30 +1059,14 @@ class Repository:
 
     # -- the evidence path -------------------------------------------------------------------------
     def evidence_contexts(self, challenge_ids: Sequence[str]) -> dict[str, EvidenceContext]:
-        """Challenge + device context of every known id in ``challenge_ids`` (one query)."""
-        if not challenge_ids:
-            return {}
+        """Challenge + device context of every known id in ``challenge_ids`` (without locking)."""
         with self._read("reading challenges") as conn:
-            rows = conn.execute(_EVIDENCE_CONTEXT, {"ids": list(set(challenge_ids))}).all()
-        out: dict[str, EvidenceContext] = {}
-        for r in rows:
-            out[r[0]] = EvidenceContext(
-                challenge_id=r[0], device_id=r[1], nonce=bytes(r[2]), selection=selection_from_text(r[3]),
-                issued_at=r[4], deadline=r[5], status=r[6], log_offset=r[7], log_sha256=bytes(r[8]),
-                device_state=r[9], ak_public=bytes(r[10]), device_class=r[11], firmware_version=r[12],
-                policy_id=r[13], boot_reset_count=r[14], boot_restart_count=r[15], last_clock=r[16],
-                held_log_sha256=None if r[17] is None else bytes(r[17]))
-        return out
+            return Tx(conn).evidence_contexts(challenge_ids)
 
     def held_log(self, device_id: str) -> HeldLog | None:
         """The device's held event log, or ``None`` if it holds none."""
         with self._read("reading a held event log") as conn:
-            row = conn.execute(select(d.held_log, d.held_log_sha256, d.boot_reset_count, d.boot_restart_count,
-                                      d.last_clock).where(d.id == device_id)).first()
-        if row is None or row.held_log is None or row.held_log_sha256 is None:
-            return None
-        return HeldLog(device_id, bytes(row.held_log), bytes(row.held_log_sha256), row.boot_reset_count,
-                       row.boot_restart_count, row.last_clock)
+            return Tx(conn).held_log(device_id)
 
     def challenge(self, challenge_id: str) -> IssuedChallenge | None:
         with self._read("reading a challenge") as conn:
@@ -963,7 +1074,7 @@ class Repository:
         return None if row is None else _challenge(row)
 
     def open_challenges(self, device_id: str | None = None) -> list[IssuedChallenge]:
-        stmt = select(*_CHALLENGE_COLUMNS).where(c.status == ChallengeStatus.OPEN).order_by(c.issued_at)
+        stmt = select(*_CHALLENGE_COLUMNS).where(c.status == literal_column("'open'")).order_by(c.issued_at)
         if device_id is not None:
             stmt = stmt.where(c.device_id == device_id)
         with self._read("reading challenges") as conn:
@@ -971,10 +1082,9 @@ class Repository:
 
     # -- policies ----------------------------------------------------------------------------------
     def active_policies(self) -> list[PolicyHeader]:
-        """Headers of every active policy (small; read once per batch)."""
+        """Headers of every active policy."""
         with self._read("reading policies") as conn:
-            rows = conn.execute(select(*_POLICY_HEADER_COLUMNS).where(_POLICY.c.active.is_(True))).all()
-        return [_policy_header(r) for r in rows]
+            return Tx(conn).active_policies()
 
     def policies(self) -> list[PolicyHeader]:
         with self._read("listing policies") as conn:

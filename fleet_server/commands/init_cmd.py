@@ -1,0 +1,205 @@
+"""``fleet-server init --data-dir DIR``: create everything a fleet server needs in one folder.
+
+Creates (folder 0700, private keys 0600, certificates 0644)::
+
+    DIR/server.toml                      the configuration (0600: it may hold a database password)
+    DIR/fleet.db                         the SQLite database, migrated to the newest schema
+    DIR/pki/fleet-ca.pem, fleet-ca.key   the fleet CA (signs broker, server, claim and device certs)
+    DIR/pki/broker.pem, broker.key       the Mosquitto broker's TLS server certificate
+    DIR/pki/fleet-server.pem, .key       the workers' MQTT client certificate (CN fleet-server)
+    DIR/keys/result-signing.key          ECDSA P-256 key signing every server -> device message
+    DIR/keys/result-signing.pub.pem      its public key: agents pin it at provisioning
+    DIR/broker/acl, broker/mosquitto.conf  a broker configuration matching the PKI (for the operator)
+    DIR/trust/tpm-manufacturers.pem      trusted TPM manufacturer CAs (copied from --trust-bundle)
+    DIR/logs/
+
+Idempotent: running it again keeps every existing key and certificate (and says so) and only adds
+what is missing; ``--force`` replaces them all (every agent must then be re-provisioned: they pin
+the signing key and the CA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fleet_server import config as cfg
+from fleet_server import pki
+from fleet_server.enrollment.ekcert import load_trust_bundle
+from fleet_server.keys import create_signing_key, load_signing_key, public_key_path
+from fleet_server.migrations import upgrade
+from fleet_server.service.cliutil import emit
+from fleet_server.storage.db import create_engine, default_database_url, is_sqlite
+from protocol.errors import ConfigError
+from protocol.topics import PREFIX, SERVER_IDENTITY, Direction, Subtree
+
+BROKER_ACL = (
+    "# The fleet's Mosquitto ACL: %u is the client certificate's CN (use_identity_as_username).\n"
+    f"user {SERVER_IDENTITY}\n"
+    f"topic readwrite {PREFIX}/#\n"
+    "\n"
+    f"pattern write {PREFIX}/{Subtree.DEVICES}/%u/{Direction.UP}/#\n"
+    f"pattern read {PREFIX}/{Subtree.DEVICES}/%u/{Direction.DOWN}/#\n"
+    f"pattern write {PREFIX}/{Subtree.ENROLL}/%u/{Direction.UP}/#\n"
+    f"pattern read {PREFIX}/{Subtree.ENROLL}/%u/{Direction.DOWN}/#\n"
+)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "init", help="create the server's CA, TLS material, signing key, configuration and database",
+        description="Create a fleet server data folder: fleet CA, broker and server certificates, the "
+                    "result-signing key agents pin, server.toml and a migrated database. Existing keys "
+                    "are kept unless --force.")
+    parser.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="the data folder")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing keys and certificates (agents must be re-provisioned)")
+    parser.add_argument("--mqtt-host", default="127.0.0.1", help="broker host the workers connect to")
+    parser.add_argument("--mqtt-port", type=int, default=8883, help="broker TLS port (default 8883)")
+    parser.add_argument("--broker-name", action="append", default=[], metavar="DNS",
+                        help="extra DNS name of the broker certificate (repeatable; localhost is always in)")
+    parser.add_argument("--broker-ip", action="append", default=[], metavar="IP",
+                        help="extra IP address of the broker certificate (repeatable; 127.0.0.1 is in)")
+    parser.add_argument("--trust-bundle", type=Path, metavar="PEM",
+                        help="PEM bundle of trusted TPM manufacturer CAs to install")
+    parser.add_argument("--database-url", metavar="URL",
+                        help="SQLAlchemy URL (default: SQLite file fleet.db in the data folder)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (server.workers)")
+    parser.set_defaults(handler=_init)
+
+
+def _line(label: str, value: object) -> str:
+    return f"{label:<34}{value}"
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _init(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir.expanduser().resolve()
+    force: bool = args.force
+    if not 1 <= args.mqtt_port <= 65535:
+        raise ConfigError("--mqtt-port must be between 1 and 65535")
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    lines: list[str] = []
+    now = time.time()
+    for sub in ("", cfg.PKI_DIR, cfg.KEYS_DIR, cfg.TRUST_DIR, cfg.LOGS_DIR, "broker"):
+        _mkdir(data_dir / sub)
+
+    # Fleet CA.
+    ca_cert, ca_key = data_dir / cfg.FLEET_CA_CERT, data_dir / cfg.FLEET_CA_KEY
+    if force or not (ca_cert.exists() and ca_key.exists()):
+        ca = pki.create_ca(now=now)
+        pki.save_ca(ca, ca_cert, ca_key)
+        lines.append(_line("created fleet CA", ca_cert))
+        new_ca = True
+    else:
+        ca = pki.load_ca_files(ca_cert, ca_key)
+        lines.append(_line("kept fleet CA", ca_cert))
+        new_ca = False
+
+    # Broker and server credentials (re-issued whenever the CA is new).
+    for name, issue in (("broker", lambda: pki.issue_broker_cert(ca, now=now, dns_names=args.broker_name,
+                                                                  ip_addresses=args.broker_ip)),
+                        ("fleet-server", lambda: pki.issue_server_client_cert(ca, now=now))):
+        cert, key = data_dir / cfg.PKI_DIR / f"{name}.pem", data_dir / cfg.PKI_DIR / f"{name}.key"
+        if force or new_ca or not (cert.exists() and key.exists()):
+            pki.write_credential(data_dir / cfg.PKI_DIR, name, issue())
+            lines.append(_line(f"created {name} certificate", cert))
+        else:
+            lines.append(_line(f"kept {name} certificate", cert))
+
+    # Result-signing key.
+    signing = data_dir / cfg.SIGNING_KEY
+    if force or not signing.exists():
+        signer = create_signing_key(signing, overwrite=True)
+        lines.append(_line("created signing key", f"{signing} (key id {signer.kid})"))
+    else:
+        signer = load_signing_key(signing)
+        if not public_key_path(signing).exists():
+            pki.write_certificate(public_key_path(signing), signer.public_pem())
+        lines.append(_line("kept signing key", f"{signing} (key id {signer.kid})"))
+    lines.append(_line("agents pin", f"{public_key_path(signing)}"))
+
+    # Trust bundle.
+    bundle = data_dir / cfg.TRUST_BUNDLE
+    if args.trust_bundle is not None:
+        try:
+            data = args.trust_bundle.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.trust_bundle}: {exc.strerror or exc}") from None
+        load_trust_bundle(data)  # refuse an unusable bundle now rather than at the first enrollment
+        pki.write_certificate(bundle, data)
+        lines.append(_line("installed trust bundle", f"{bundle}"))
+    elif not bundle.exists():
+        lines.append(_line("no trust bundle yet", f"put TPM manufacturer CA certificates in {bundle}"))
+
+    # Broker configuration for the operator.
+    _write_broker_files(data_dir, args.mqtt_port)
+
+    # Configuration.
+    config_path = data_dir / cfg.DEFAULT_CONFIG_NAME
+    database_url = args.database_url
+    if force or not config_path.exists():
+        text = cfg.render_config(data_dir=data_dir, mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
+                                 database_url=database_url, workers=args.workers)
+        cfg.parse_config(tomllib.loads(text), base=data_dir)  # what we write must load
+        pki.write_private_key(config_path, text.encode())  # 0600: may hold a DB password
+        lines.append(_line("created configuration", f"{config_path}"))
+    else:
+        lines.append(_line("kept configuration", f"{config_path}"))
+    config = cfg.load_config(config_path)
+
+    # Database.
+    url = config.database_url or default_database_url(data_dir)
+    engine = create_engine(url)
+    try:
+        before, after = upgrade(engine)
+    finally:
+        engine.dispose()
+    if is_sqlite(url):
+        db_file = Path(url.split("///", 1)[1])
+        for path in (db_file, Path(f"{db_file}-wal"), Path(f"{db_file}-shm")):
+            if path.exists():
+                os.chmod(path, 0o600)
+    lines.append(_line("database", f"schema {before or 'empty'} -> {after}"))
+    lines.append(f"next: start the broker with {data_dir / 'broker' / 'mosquitto.conf'}, then "
+                 f"`fleet-server run --config {config_path}`")
+    return emit(lines)
+
+
+def _write_broker_files(data_dir: Path, port: int) -> None:
+    broker = data_dir / "broker"
+    pki.write_certificate(broker / "acl", BROKER_ACL.encode())  # public, 0644
+    conf = "\n".join([
+        "# Mosquitto configuration for this fleet (written by `fleet-server init`).",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {broker / 'acl'}",
+        "persistence false",
+        "max_packet_size 1048576",
+        "max_inflight_messages 100",
+        "max_queued_messages 10000",
+        "set_tcp_nodelay true",
+        "",
+        f"listener {port}",
+        "protocol mqtt",
+        f"cafile {data_dir / cfg.FLEET_CA_CERT}",
+        f"certfile {data_dir / cfg.PKI_DIR / 'broker.pem'}",
+        f"keyfile {data_dir / cfg.PKI_DIR / 'broker.key'}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "",
+    ])
+    pki.write_certificate(broker / "mosquitto.conf", conf.encode())
+
+
+__all__ = ["BROKER_ACL", "register"]

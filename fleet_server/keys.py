@@ -1,0 +1,122 @@
+"""The server's result-signing key: ECDSA P-256, in one 0600 PEM file; agents pin its public key.
+
+Every server -> device message (challenges, attestation results, enrollment answers, revocations)
+is signed with this key (:func:`protocol.messages.encode_signed`); the key id carried in the
+envelope is :func:`protocol.messages.key_id` of the public key.
+
+Files are written atomically (temporary file + ``os.replace``) with their final mode set before
+any byte is written, so the private key is never readable by others, not even briefly. Loading
+refuses a private key file that group or others may access. The key object never appears in a
+``repr``, a log line or the database.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fleet_server.pki import private_key_pem, write_certificate, write_private_key
+from protocol.errors import ConfigError
+from protocol.messages import Message, SigningKey, VerifyKey, encode_signed, key_id
+
+
+def public_key_path(private_path: Path) -> Path:
+    """Where the public key of ``private_path`` is written: ``<stem>.pub.pem`` next to it."""
+    private_path = Path(private_path)
+    return private_path.with_name(f"{private_path.stem}.pub.pem")
+
+
+def public_pem(public_key: VerifyKey) -> bytes:
+    """SubjectPublicKeyInfo PEM of ``public_key`` (what agents pin)."""
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSigner:
+    """The loaded result-signing key with its key id; signs server -> device messages."""
+
+    key: SigningKey = field(repr=False)
+    kid: str
+
+    @classmethod
+    def from_key(cls, key: SigningKey) -> ResultSigner:
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ConfigError("the result-signing key must be an ECDSA P-256 key")
+        return cls(key=key, kid=key_id(key.public_key()))
+
+    @property
+    def public_key(self) -> VerifyKey:
+        return self.key.public_key()
+
+    def public_pem(self) -> bytes:
+        return public_pem(self.key.public_key())
+
+    def sign(self, message: Message, *, aud: str, ts: int, msg_id: str | None = None) -> bytes:
+        """The signed envelope of ``message`` for recipient ``aud`` (a device id or ``claim:<id>``)."""
+        return encode_signed(message, key=self.key, kid=self.kid, aud=aud, ts=ts, msg_id=msg_id)
+
+    def __repr__(self) -> str:
+        return f"ResultSigner(kid={self.kid!r}, key=<redacted>)"
+
+
+def create_signing_key(path: Path, *, overwrite: bool = False) -> ResultSigner:
+    """Generate a new P-256 key, write it to ``path`` (0600) and its public key next to it (0644).
+
+    Refuses to replace an existing key unless ``overwrite`` (every agent pinned the old one).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; refusing to replace the result-signing key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private_key(path, private_key_pem(key))
+    write_certificate(public_key_path(path), public_pem(key.public_key()))
+    return ResultSigner.from_key(key)
+
+
+def check_private_mode(path: Path, what: str) -> None:
+    """Refuse a private key file that group or others may read or write."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{what} {path} has mode {mode:04o}; it must be 0600")
+
+
+def load_signing_key(path: Path) -> ResultSigner:
+    """Load the result-signing key from ``path`` (PKCS#8 PEM, mode 0600, ECDSA P-256)."""
+    path = Path(path)
+    check_private_mode(path, "result-signing key")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read result-signing key {path}: {exc.strerror or exc}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # The parser's message could quote key material; say only what is wrong.
+        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path}: the result-signing key must be an ECDSA P-256 key")
+    return ResultSigner.from_key(key)
+
+
+def load_public_key(path: Path) -> VerifyKey:
+    """Load a pinned server public key (SubjectPublicKeyInfo PEM), as agents do."""
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(f"{path}: expected an ECDSA P-256 public key")
+    return key

@@ -1,0 +1,144 @@
+"""Periodic re-attestation: the schedule lives in the database (``device.next_attestation_at``).
+
+Every worker runs :meth:`Scheduler.run_once` once per ``attestation.scheduler_tick``. One round:
+
+1. **Spread** devices overdue by more than :attr:`Scheduler.overdue_after_ms` (the server was
+   stopped, or could not keep up): they are not challenged now but rescheduled uniformly at random
+   within the next interval (up to :data:`SPREAD_BATCH` per round), so that a restart after downtime
+   spreads the backlog over one interval instead of challenging the whole fleet at once.
+2. **Claim** up to ``claim_batch`` attested devices that are due (``next_attestation_at <= now``),
+   oldest first, in the same write transaction (SQLite serialises writers; PostgreSQL uses
+   ``FOR UPDATE SKIP LOCKED``), so a device is claimed by exactly one worker. Each claimed device
+   gets its next time (now + interval +- jitter) in the same transaction, and a challenge (fresh
+   32-byte nonce, the policy's PCR selection, deadline) that supersedes any open challenge of the
+   device; the challenges are published after the commit.
+3. **Expire** open challenges whose deadline passed more than :data:`EXPIRY_GRACE_MS` ago (evidence
+   received before the deadline may still be in a worker's batch), count one miss per expired
+   challenge, and move devices that reached ``missed_challenges_limit`` consecutive misses to
+   ``unreachable`` (a quarantined device stays quarantined: the hold must not be lost). The next good
+   evidence resets the count and brings the device back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fleet_server.service.common import Counters, Outgoing, log_event
+from fleet_server.service.context import ServiceContext
+from fleet_server.service.policies import PolicyResolver
+from fleet_server.service.processor import DOWN_CHALLENGE, challenge_message
+from fleet_server.storage.models import DeviceState
+from fleet_server.storage.repo import NewChallenge, Repository, selection_json
+from protocol import topics
+from protocol.messages import new_message_id
+
+log = logging.getLogger(__name__)
+
+EXPIRY_GRACE_MS = 5_000
+"""Open challenges are expired this long after their deadline (in-flight evidence is still judged
+against the deadline itself)."""
+EXPIRE_BATCH = 1000
+SPREAD_BATCH = 10_000
+UNREACHABLE_FROM = frozenset({DeviceState.ENROLLED, DeviceState.TRUSTED, DeviceState.UNTRUSTED})
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    """What one scheduler round did."""
+
+    challenged: int
+    spread: int
+    expired: int
+    unreachable: tuple[str, ...]
+
+
+class Scheduler:
+    """One worker's scheduler (see the module docstring). Not thread-safe: one thread per instance."""
+
+    def __init__(self, ctx: ServiceContext, repo: Repository, counters: Counters, *,
+                 policies: PolicyResolver | None = None, overdue_after_ms: int | None = None) -> None:
+        self.ctx = ctx
+        self.repo = repo
+        self.counters = counters
+        self.policies = policies or PolicyResolver(repo, ctx.settings.selection)
+        settings = ctx.settings
+        tick_ms = round(settings.scheduler_tick * 1000)
+        self.overdue_after_ms = (overdue_after_ms if overdue_after_ms is not None
+                                 else max(10_000, 5 * tick_ms, settings.challenge_timeout_ms))
+
+    def run_once(self) -> tuple[RoundResult, list[Outgoing]]:
+        """One round: claim and challenge due devices, expire missed challenges. Returns the signed
+        challenges to publish (after the commit)."""
+        now = self.ctx.clock.now_ms()
+        challenged, spread, outgoing = self._challenge_due(now)
+        expired, unreachable = self._expire(now)
+        return RoundResult(challenged, spread, expired, tuple(unreachable)), outgoing
+
+    # -- due devices -------------------------------------------------------------------------------
+    def _challenge_due(self, now: int) -> tuple[int, int, list[Outgoing]]:
+        settings = self.ctx.settings
+        new: list[tuple[NewChallenge, Mapping[str, tuple[int, ...]]]] = []
+        selections: dict[tuple[str, str], tuple[Mapping[str, tuple[int, ...]], str]] = {}
+        spread = 0
+        self.policies.refresh()
+        with self.repo.write("claiming due devices") as tx:
+            overdue = tx.overdue_devices(now - self.overdue_after_ms, SPREAD_BATCH)
+            if overdue:
+                tx.set_schedule([(device_id, now + self.ctx.rng.randint(1, settings.interval_ms), None)
+                                 for device_id in overdue])
+                spread = len(overdue)
+            due = tx.claim_due_devices(now, settings.claim_batch)
+            schedule: list[tuple[str, int, int | None]] = []
+            for device in due:
+                pair = (device.device_class, device.firmware_version)
+                if pair not in selections:
+                    chosen = self.policies.selection(*pair)
+                    selections[pair] = (chosen, selection_json(chosen))
+                selection, selection_text = selections[pair]
+                offset = device.held_log_size if device.held_log_sha256 is not None else 0
+                challenge = NewChallenge(
+                    id=new_message_id(), device_id=device.id, nonce=self.ctx.token(32),
+                    selection=selection_text, issued_at=now,
+                    deadline=now + settings.challenge_timeout_ms, cause="periodic", log_offset=offset,
+                    log_sha256=device.held_log_sha256 or b"")
+                new.append((challenge, selection))
+                schedule.append((device.id, self.ctx.next_attestation_at(now), now))
+            if schedule:
+                tx.set_schedule(schedule)
+            if new:
+                tx.supersede_open_challenges([c.device_id for c, _ in new])
+                tx.insert_challenges([c for c, _ in new])
+        sign = self.ctx.signer.sign
+        outgoing = [Outgoing(topics.device_down(c.device_id, DOWN_CHALLENGE),
+                             sign(challenge_message(c, sel), aud=c.device_id, ts=now), "challenge")
+                    for c, sel in new]
+        if new:
+            self.counters.add("challenges.periodic", len(new))
+        if spread:
+            self.counters.add("schedule.spread", spread)
+            log_event(log, logging.INFO, "schedule_spread", devices=spread,
+                      over_ms=settings.interval_ms)
+        return len(new), spread, outgoing
+
+    # -- missed challenges -------------------------------------------------------------------------
+    def _expire(self, now: int) -> tuple[int, list[str]]:
+        limit = self.ctx.settings.missed_challenges_limit
+        unreachable: list[str] = []
+        with self.repo.write("expiring challenges") as tx:
+            expired = tx.expire_challenges(now - EXPIRY_GRACE_MS, EXPIRE_BATCH)
+            if not expired:
+                return 0, []
+            for device in tx.count_misses([e.device_id for e in expired], now):
+                if device.missed_challenges >= limit and device.state in UNREACHABLE_FROM:
+                    cause = f"missed {device.missed_challenges} consecutive challenges"
+                    tx.set_state(device.id, from_state=device.state, to_state=DeviceState.UNREACHABLE,
+                                 cause=cause, now=now, reasons=[cause], extra={"trusted_until": None})
+                    unreachable.append(device.id)
+        self.counters.add("challenges.expired", len(expired))
+        for device_id in unreachable:
+            self.counters.add("state.unreachable")
+            log_event(log, logging.WARNING, "state_changed", device=device_id, to_state="unreachable",
+                      cause="missed challenges")
+        return len(expired), unreachable

@@ -68,7 +68,7 @@ class ManufacturerCA:
         if ca.bundle.exists() and ca.issuer_key.exists():
             return ca
         ca.directory.mkdir(parents=True, exist_ok=True)
-        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         root_key = ec.generate_private_key(ec.SECP256R1())
         root = (
             x509.CertificateBuilder()

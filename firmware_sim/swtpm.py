@@ -14,8 +14,8 @@ from pathlib import Path
 from types import TracebackType
 
 from firmware_sim.manufacturer import ManufacturerCA
-from protocol.errors import ProcessError
 from firmware_sim.procutil import free_port_pair, stop_process, wait_for_port
+from protocol.errors import ProcessError
 
 SWTPM = "swtpm"
 SWTPM_SETUP = "swtpm_setup"

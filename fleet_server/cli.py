@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(only)
     except ImportError as exc:  # a role's extras are not installed
-        print(f"fleet-server: {exc.name or exc} is not installed; install edge-attest[server]", file=sys.stderr)
+        missing = exc.name or exc
+        print(f"fleet-server: {missing} is not installed; install edge-attest[server]", file=sys.stderr)
         return 2
     args = parser.parse_args(args_list)
     handler = getattr(args, "handler", None)

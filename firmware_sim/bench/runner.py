@@ -1,4 +1,4 @@
-"""`make bench` (python -m firmware_sim.bench): run every benchmark module, write `.bench/results.json`, print a table.
+"""`make bench` (python -m firmware_sim.bench): run every benchmark, write `.bench/results.json`.
 
 Each module in :data:`MODULES` exposes ``run() -> dict[str, float]`` returning flat metric names to
 numbers. Modules run in order, in separate processes (so one module's memory or threads cannot skew

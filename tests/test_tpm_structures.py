@@ -563,11 +563,13 @@ def test_names_match_tpm2_readpublic(swtpm: Swtpm, tmp_path: Path) -> None:
 # =================================================================================================
 # cross-check with an independent implementation (tpm2-tss marshalling, via tpm2-pytss)
 # =================================================================================================
-@pytest.mark.parametrize(("name", "data", "parse"), SAMPLES, ids=[s[0] for s in SAMPLES])
+# TPM_ST_ATTEST_NV_DIGEST is newer than tpm2-tss 3.2's unmarshaller: no independent reference for it.
+TSS_SAMPLES = [s for s in SAMPLES if s[0] != "attest-nv_digest"]
+
+
+@pytest.mark.parametrize(("name", "data", "parse"), TSS_SAMPLES, ids=[s[0] for s in TSS_SAMPLES])
 def test_tpm2_tss_reads_what_we_marshal(name: str, data: bytes, parse: Callable[[bytes], object]) -> None:
-    types = pytest.importorskip("tpm2_pytss.types")
-    if name == "attest-nv_digest":
-        pytest.skip("TPM_ST_ATTEST_NV_DIGEST is newer than tpm2-tss 3.2's unmarshaller")
+    from tpm2_pytss import types
     cls = {parse_attest: types.TPMS_ATTEST, parse_signature: types.TPMT_SIGNATURE,
            parse_tpm2b_public: types.TPM2B_PUBLIC}[parse]  # type: ignore[index]
     obj, consumed = cls.unmarshal(data)

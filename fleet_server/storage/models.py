@@ -211,3 +211,40 @@ class Outbox(SQLModel, table=True):
     sent_at: int | None = Field(default=None, index=True, sa_type=BigInteger)
     claimed_until: int | None = Field(default=None, sa_type=BigInteger)
     attempts: int = 0
+
+
+class AlertStatus(StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+class Alert(SQLModel, table=True):
+    """Something an admin should look at, raised by a rule on an event (see docs/alerts).
+
+    ``kind``: attestation_failure | unreachable | key_release_off_hours | model_download_off_hours |
+    key_request_untrusted | extraction_suspected | ... ; ``dedup_key`` keeps one open alert per
+    (kind, subject): a rule firing again while its alert is open bumps ``count``/``last_seen_at``.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(index=True, max_length=48)
+    severity: str = Field(default="warning", max_length=16)           # info | warning | critical
+    device_id: str | None = Field(default=None, index=True, max_length=63)
+    model: str | None = Field(default=None, max_length=64)
+    message: str = Field(max_length=512)
+    details: str = "{}"                                                  # JSON
+    dedup_key: str = Field(index=True, max_length=160)
+    status: str = Field(default=AlertStatus.OPEN, index=True, max_length=16)
+    count: int = 1
+    created_at: int = Field(index=True, sa_type=BigInteger)
+    last_seen_at: int = Field(sa_type=BigInteger)
+    acknowledged_by: str | None = Field(default=None, max_length=64)
+    acknowledged_at: int | None = Field(default=None, sa_type=BigInteger)
+    resolved_by: str | None = Field(default=None, max_length=64)
+    resolved_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
+# Tables of later areas live in their own modules (one owner each) and register on the same
+# metadata when imported here, so `models` stays the single import that defines the schema.
+from fleet_server.storage import console_tables, model_tables  # noqa: E402, F401

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev mosquitto mosquitto-clients
+SYSTEM_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev mosquitto mosquitto-clients postgresql
                  pkg-config gcc python3-venv python3-dev chromium)
 LOCK=requirements/dev.lock
 VENV=.venv

@@ -1,8 +1,8 @@
 """Schema migrations: the migrated database equals the models (alembic compare_metadata), upgrades are
 idempotent, and commands refuse a database that is not at the newest revision.
 
-Set ``FLEET_TEST_POSTGRES_URL`` (e.g. ``postgresql+psycopg://user@/db?host=/tmp``) to run the same
-checks on PostgreSQL as well.
+Every check runs on SQLite and on a real PostgreSQL server that the tests start themselves
+(``tests/pg_fixtures.py``); set ``FLEET_TEST_POSTGRES_URL`` to use an existing server instead.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ from fleet_server.migrations import current_revision, head_revision, upgrade
 from fleet_server.storage import models  # noqa: F401  (the tables)
 from fleet_server.storage.db import create_engine
 
-pytest_plugins = ("mqtt_fixtures", "server_fixtures")
+pytest_plugins = ("mqtt_fixtures", "server_fixtures", "pg_fixtures")
 pytestmark = pytest.mark.usefixtures("quiet_root_logging")
 
 POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL")
-URLS = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])
+URLS = ["sqlite", "postgres"]
 
 
 @pytest.fixture(params=URLS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'fleet.db'}"
-    assert POSTGRES_URL is not None
+    if POSTGRES_URL is None:
+        return str(request.getfixturevalue("postgres_db"))
     engine = create_engine(POSTGRES_URL)
     with engine.begin() as conn:  # start from an empty schema
         conn.execute(text("DROP SCHEMA public CASCADE"))

@@ -49,6 +49,36 @@ Layout (every key optional unless marked; defaults shown)::
     [retention]
     attestation_days = 30.0               # attestation rows older than this are deleted
     challenge_hours = 24.0                # answered/expired challenges older than this are deleted
+
+    [console]                             # the admin web console (docs/operations.md)
+    enabled = false                       # also serve it from `fleet-server run` (a thread)
+    host = "127.0.0.1"
+    port = 8080
+    threads = 8                           # waitress worker threads
+    secure_cookies = true                 # false only for plain-http local development/demo
+    development = false                   # Flask debug mode; never in production
+    proxy_hops = 0                        # trusted reverse proxies setting X-Forwarded-For/-Proto
+    session_idle_minutes = 30.0
+    session_max_hours = 12.0
+    login_max_failures = 5                # per user name within the window -> lockout
+    login_max_failures_ip = 20            # per client address within the window -> lockout
+    login_window_minutes = 15.0
+    lockout_minutes = 15.0
+    argon2_time_cost = 3                  # argon2id parameters of new password hashes
+    argon2_memory_kib = 65536
+    argon2_parallelism = 2
+    dashboard_refresh_seconds = 5.0
+
+    [models]                              # model protection (docs/model-protection.md)
+    store_dir = "models"                  # encrypted packages: <store_dir>/<name>/<version>.pkg
+    signing_key = "keys/model-signing.key"   # ECDSA P-256, 0600: signs package manifests
+    kek_file = "keys/model-kek.key"       # 0600, 64 hex digits; $FLEET_SERVER_KEK overrides it
+    lease_duration = 660.0                # default 2 * attestation.interval + attestation.result_grace
+    offline_grace = 0.0                   # added to every lease: how long a device may run offline
+
+    [alerts]
+    business_hours = "08:00-18:00"        # UTC; optional (no off-hours rule without it)
+    block_off_hours = false               # also refuse key releases and downloads off hours
 """
 
 from __future__ import annotations
@@ -60,6 +90,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleet_server.keybroker.hours import BusinessHours
 from protocol.errors import ConfigError, MessageError
 from protocol.messages import PcrSelection, selection_from_json
 from protocol.topics import SHARE_GROUP, TopicError, server_subscriptions
@@ -83,6 +114,10 @@ SERVER_KEY = f"{PKI_DIR}/fleet-server.key"
 SIGNING_KEY = f"{KEYS_DIR}/result-signing.key"
 SIGNING_PUBLIC = f"{KEYS_DIR}/result-signing.pub.pem"
 TRUST_BUNDLE = f"{TRUST_DIR}/tpm-manufacturers.pem"
+MODELS_DIR = "models"
+MODEL_SIGNING_KEY = f"{KEYS_DIR}/model-signing.key"
+MODEL_SIGNING_PUBLIC = f"{KEYS_DIR}/model-signing.pub.pem"
+MODEL_KEK = f"{KEYS_DIR}/model-kek.key"
 LOG_FILE = f"{LOGS_DIR}/fleet-server.log"
 
 
@@ -169,6 +204,80 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    """The admin web console (``fleet_server.console``): where it listens, sessions, login throttling,
+    password hashing. Durations in the unit their name says."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int = 8
+    secure_cookies: bool = True
+    """Session cookies carry ``Secure`` (sent over HTTPS only). Turn off only for plain-http local
+    development or the demo on http://127.0.0.1."""
+    development: bool = False
+    proxy_hops: int = 0
+    session_idle_minutes: float = 30.0
+    session_max_hours: float = 12.0
+    login_max_failures: int = 5
+    login_max_failures_ip: int = 20
+    login_window_minutes: float = 15.0
+    lockout_minutes: float = 15.0
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
+    argon2_parallelism: int = 2
+    dashboard_refresh_seconds: float = 5.0
+
+    @property
+    def session_idle_ms(self) -> int:
+        return round(self.session_idle_minutes * 60_000)
+
+    @property
+    def session_max_ms(self) -> int:
+        return round(self.session_max_hours * 3_600_000)
+
+    @property
+    def login_window_ms(self) -> int:
+        return round(self.login_window_minutes * 60_000)
+
+    @property
+    def lockout_ms(self) -> int:
+        return round(self.lockout_minutes * 60_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """Model protection (docs/model-protection.md): package store, model-signing key, KEK, leases."""
+
+    store_dir: Path = Path(MODELS_DIR)
+    signing_key: Path = Path(MODEL_SIGNING_KEY)
+    kek_file: Path = Path(MODEL_KEK)
+    lease_duration: float | None = None
+    """Seconds a key release (or its renewal by a trusted attestation) lasts; ``None``: as long as a
+    verdict, 2 x attestation.interval + attestation.result_grace."""
+    offline_grace: float = 0.0
+    """Seconds added to every lease: how long a device keeps its model while it cannot attest."""
+
+    def lease_ms(self, attestation: AttestationSettings) -> int:
+        """How long a lease lasts from its release or renewal (ms): duration + offline grace."""
+        base = (attestation.result_validity_ms if self.lease_duration is None
+                else round(self.lease_duration * 1000))
+        return base + round(self.offline_grace * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """Alert rules with settings: the business-hours window of key releases and model downloads."""
+
+    business_hours: BusinessHours | None = None
+    block_off_hours: bool = False
+
+    def off_hours(self, now_ms: int) -> bool:
+        """True if a business-hours window is set and ``now_ms`` is outside it."""
+        return self.business_hours is not None and not self.business_hours.contains(now_ms)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The whole configuration; paths are absolute after :func:`load_config`."""
 
@@ -187,6 +296,9 @@ class ServerConfig:
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     attestation: AttestationSettings = field(default_factory=AttestationSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     source: Path | None = None
     """The file this configuration was read from (for messages)."""
 
@@ -339,12 +451,73 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         challenge_hours=rt.number("challenge_hours", 24.0, lo=0.0, hi=876000.0, lo_open=True),
     )
     rt.done()
+    console = _console(root.table("console"))
+    models = _models(root.table("models"), data_dir, attestation)
+    alerts = _alerts(root.table("alerts"))
     root.done()
     return ServerConfig(data_dir=data_dir, database_url=database_url, workers=workers, log_level=log_level,
                         log_file=log_file, signing_key=signing_key, fleet_ca_cert=fleet_ca_cert,
                         fleet_ca_key=fleet_ca_key, trust_bundle=trust_bundle, batch_size=batch_size,
                         batch_linger=batch_linger, cache_devices=cache_devices,
-                        mqtt=mqtt, attestation=attestation, retention=retention, source=source)
+                        mqtt=mqtt, attestation=attestation, retention=retention, console=console,
+                        models=models, alerts=alerts, source=source)
+
+
+def _models(mt: _Table, data_dir: Path, attestation: AttestationSettings) -> ModelSettings:
+    lease: float | None = None
+    if mt.has("lease_duration"):
+        lease = mt.number("lease_duration", 0.0, lo=0.0, hi=365 * 86400.0, lo_open=True)
+        if lease <= attestation.interval + attestation.jitter:
+            raise ConfigError("models.lease_duration: must be longer than attestation.interval + "
+                              "attestation.jitter (leases would lapse between two renewals)")
+    settings = ModelSettings(
+        store_dir=mt.path("store_dir", Path(MODELS_DIR), data_dir),
+        signing_key=mt.path("signing_key", Path(MODEL_SIGNING_KEY), data_dir),
+        kek_file=mt.path("kek_file", Path(MODEL_KEK), data_dir),
+        lease_duration=lease,
+        offline_grace=mt.number("offline_grace", 0.0, lo=0.0, hi=365 * 86400.0),
+    )
+    mt.done()
+    return settings
+
+
+def _alerts(at: _Table) -> AlertSettings:
+    hours: BusinessHours | None = None
+    if at.has("business_hours"):
+        text = at.string("business_hours", "", max_len=32)
+        try:
+            hours = BusinessHours.parse(text)
+        except ConfigError as exc:
+            raise ConfigError(f"alerts.business_hours: {exc.diagnostics()}") from None
+    settings = AlertSettings(business_hours=hours, block_off_hours=at.flag("block_off_hours", False))
+    at.done()
+    return settings
+
+
+def _console(ct: _Table) -> ConsoleSettings:
+    settings = ConsoleSettings(
+        enabled=ct.flag("enabled", False),
+        host=ct.string("host", "127.0.0.1", max_len=253),
+        port=ct.integer("port", 8080, lo=1, hi=65535),
+        threads=ct.integer("threads", 8, lo=1, hi=256),
+        secure_cookies=ct.flag("secure_cookies", True),
+        development=ct.flag("development", False),
+        proxy_hops=ct.integer("proxy_hops", 0, lo=0, hi=10),
+        session_idle_minutes=ct.number("session_idle_minutes", 30.0, lo=0.0, hi=7 * 1440.0, lo_open=True),
+        session_max_hours=ct.number("session_max_hours", 12.0, lo=0.0, hi=24 * 30.0, lo_open=True),
+        login_max_failures=ct.integer("login_max_failures", 5, lo=1, hi=1000),
+        login_max_failures_ip=ct.integer("login_max_failures_ip", 20, lo=1, hi=100_000),
+        login_window_minutes=ct.number("login_window_minutes", 15.0, lo=0.0, hi=7 * 1440.0, lo_open=True),
+        lockout_minutes=ct.number("lockout_minutes", 15.0, lo=0.0, hi=7 * 1440.0, lo_open=True),
+        argon2_time_cost=ct.integer("argon2_time_cost", 3, lo=1, hi=100),
+        argon2_memory_kib=ct.integer("argon2_memory_kib", 65536, lo=8, hi=4 * 1024 * 1024),
+        argon2_parallelism=ct.integer("argon2_parallelism", 2, lo=1, hi=64),
+        dashboard_refresh_seconds=ct.number("dashboard_refresh_seconds", 5.0, lo=1.0, hi=3600.0),
+    )
+    ct.done()
+    if settings.argon2_memory_kib < 8 * settings.argon2_parallelism:
+        raise ConfigError("console.argon2_memory_kib: must be at least 8 * argon2_parallelism")
+    return settings
 
 
 def load_config(path: Path | str) -> ServerConfig:
@@ -420,6 +593,16 @@ def render_config(*, data_dir: Path, mqtt_host: str, mqtt_port: int, database_ur
         "request_min_interval = 1.0",
         "allow_sha1 = false",
         "selection = { sha256 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14] }",
+        "",
+        "[models]",
+        f'store_dir = "{MODELS_DIR}"',
+        f'signing_key = "{MODEL_SIGNING_KEY}"',
+        f'kek_file = "{MODEL_KEK}"',
+        "offline_grace = 0.0",
+        "",
+        "[alerts]",
+        '# business_hours = "08:00-18:00"   # UTC: key releases and downloads outside raise alerts',
+        "block_off_hours = false",
         "",
     ]
     return "\n".join(lines)

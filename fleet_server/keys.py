@@ -120,3 +120,61 @@ def load_public_key(path: Path) -> VerifyKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ConfigError(f"{path}: expected an ECDSA P-256 public key")
     return key
+
+
+# --------------------------------------------------------------------------------------------------
+# the model-signing key (signs model package manifests; docs/model-protection.md)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ModelSigningKey:
+    """ECDSA P-256 key that signs model package manifests (``protocol.modelpkg.build_package``).
+
+    Separate from the result-signing key: workers hold the latter, while this one is needed only
+    by ``fleet-server model publish``. Devices pin its public key (``claim issue`` bundles it).
+    """
+
+    key: SigningKey = field(repr=False)
+    kid: str
+
+    @classmethod
+    def from_key(cls, key: SigningKey) -> ModelSigningKey:
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ConfigError("the model-signing key must be an ECDSA P-256 key")
+        return cls(key=key, kid=key_id(key.public_key()))
+
+    @property
+    def public_key(self) -> VerifyKey:
+        return self.key.public_key()
+
+    def public_pem(self) -> bytes:
+        return public_pem(self.key.public_key())
+
+    def __repr__(self) -> str:
+        return f"ModelSigningKey(kid={self.kid!r}, key=<redacted>)"
+
+
+def create_model_signing_key(path: Path, *, overwrite: bool = False) -> ModelSigningKey:
+    """Generate the model-signing key at ``path`` (0600) with ``<stem>.pub.pem`` next to it (0644)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; refusing to replace the model-signing key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private_key(path, private_key_pem(key))
+    write_certificate(public_key_path(path), public_pem(key.public_key()))
+    return ModelSigningKey.from_key(key)
+
+
+def load_model_signing_key(path: Path) -> ModelSigningKey:
+    """Load the model-signing key from ``path`` (PKCS#8 PEM, mode 0600, ECDSA P-256)."""
+    path = Path(path)
+    check_private_mode(path, "model-signing key")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(f"cannot read model-signing key {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path}: the model-signing key must be an ECDSA P-256 key")
+    return ModelSigningKey.from_key(key)

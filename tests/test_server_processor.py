@@ -350,7 +350,7 @@ def test_malformed_and_oversized_messages_are_counted_and_do_not_stop_the_worker
                                                        signature=b"\0" * 8, pcrs={}, eventlog_offset=0,
                                                        eventlog=b"")), 1),           # wrong type for topic
         InboundMessage("fleet/v1/devices/claim:cam-17/up/hello", dev.hello(), 1),     # claim identity
-        InboundMessage(topics.device_up("cam-17", "telemetry"), dev.hello(), 1),       # unknown kind
+        InboundMessage(topics.device_up("cam-17", "firmware"), dev.hello(), 1),        # unknown kind
         InboundMessage("fleet/v1/devices/cam-17/down/result", dev.hello(), 1),         # wrong direction
         InboundMessage(hello_topic, encode_plain(AttestRequest(reason="boot"), ts=1).replace(b'"v":1',
                                                                                              b'"v":2'),

@@ -6,6 +6,7 @@ Writes into ``DIR`` (created 0700)::
     claim.key           its private key (0600)
     fleet-ca.pem        the fleet CA certificate (verifies the broker)
     server-signing.pub.pem   the server's result-signing public key (the agent pins it)
+    model-signing.pub.pem    the model-signing public key (the agent pins it to verify model packages)
 
 The claim certificate is short-lived (``--validity-days``, default 30): it is only for enrolling.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server import pki
-from fleet_server.keys import load_signing_key
+from fleet_server.keys import load_model_signing_key, load_signing_key
 from fleet_server.service.cliutil import add_config_argument, emit, load
 from protocol.errors import ConfigError
 from protocol.topics import validate_device_id
@@ -29,6 +30,7 @@ CLAIM_CERT = "claim.pem"
 CLAIM_KEY = "claim.key"
 CA_CERT = "fleet-ca.pem"
 SERVER_PUBLIC_KEY = "server-signing.pub.pem"
+MODEL_PUBLIC_KEY = "model-signing.pub.pem"
 
 
 def register(subparsers: Any) -> None:
@@ -64,7 +66,11 @@ def _issue(args: argparse.Namespace) -> int:
     pki.write_certificate(out / CLAIM_CERT, credential.cert_pem)
     pki.write_certificate(out / CA_CERT, ca.cert_pem)
     pki.write_certificate(out / SERVER_PUBLIC_KEY, signer.public_pem())
-    return emit([f"claim credentials for {device_id} (CN claim:{device_id}, "
-                 f"valid {args.validity_days} days):",
-                 f"  {out / CLAIM_CERT}", f"  {out / CLAIM_KEY} (0600)", f"  {out / CA_CERT}",
-                 f"  {out / SERVER_PUBLIC_KEY} (server key id {signer.kid})"])
+    lines = [f"claim credentials for {device_id} (CN claim:{device_id}, valid {args.validity_days} days):",
+             f"  {out / CLAIM_CERT}", f"  {out / CLAIM_KEY} (0600)", f"  {out / CA_CERT}",
+             f"  {out / SERVER_PUBLIC_KEY} (server key id {signer.kid})"]
+    if config.models.signing_key.exists():
+        model_key = load_model_signing_key(config.models.signing_key)
+        pki.write_certificate(out / MODEL_PUBLIC_KEY, model_key.public_pem())
+        lines.append(f"  {out / MODEL_PUBLIC_KEY} (model-signing key id {model_key.kid})")
+    return emit(lines)

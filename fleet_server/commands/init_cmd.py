@@ -9,6 +9,9 @@ Creates (folder 0700, private keys 0600, certificates 0644)::
     DIR/pki/fleet-server.pem, .key       the workers' MQTT client certificate (CN fleet-server)
     DIR/keys/result-signing.key          ECDSA P-256 key signing every server -> device message
     DIR/keys/result-signing.pub.pem      its public key: agents pin it at provisioning
+    DIR/keys/model-signing.key, .pub.pem ECDSA P-256 key signing model package manifests (devices pin it)
+    DIR/keys/model-kek.key               the key-encryption key sealing model data keys (0600; never
+                                         replaced, not even by --force)
     DIR/broker/acl, broker/mosquitto.conf  a broker configuration matching the PKI (for the operator)
     DIR/trust/tpm-manufacturers.pem      trusted TPM manufacturer CAs (copied from --trust-bundle)
     DIR/logs/
@@ -30,8 +33,15 @@ from typing import Any
 from fleet_server import config as cfg
 from fleet_server import pki
 from fleet_server.enrollment.ekcert import load_trust_bundle
-from fleet_server.keys import create_signing_key, load_signing_key, public_key_path
+from fleet_server.keys import (
+    create_model_signing_key,
+    create_signing_key,
+    load_model_signing_key,
+    load_signing_key,
+    public_key_path,
+)
 from fleet_server.migrations import upgrade
+from fleet_server.modelstore.kek import create_kek_file, read_kek_file
 from fleet_server.service.cliutil import emit
 from fleet_server.storage.db import create_engine, default_database_url, is_sqlite
 from protocol.errors import ConfigError
@@ -127,6 +137,7 @@ def _init(args: argparse.Namespace) -> int:
             pki.write_certificate(public_key_path(signing), signer.public_pem())
         lines.append(_line("kept signing key", f"{signing} (key id {signer.kid})"))
     lines.append(_line("agents pin", f"{public_key_path(signing)}"))
+    lines += _model_keys(data_dir, force)
 
     # Trust bundle.
     bundle = data_dir / cfg.TRUST_BUNDLE
@@ -173,6 +184,29 @@ def _init(args: argparse.Namespace) -> int:
     lines.append(f"next: start the broker with {data_dir / 'broker' / 'mosquitto.conf'}, then "
                  f"`fleet-server run --config {config_path}`")
     return emit(lines)
+
+
+def _model_keys(data_dir: Path, force: bool) -> list[str]:
+    """The model-signing key (replaced by --force like the other keys) and the KEK (never replaced:
+    every published model's data key is sealed under it)."""
+    lines = []
+    model_signing = data_dir / cfg.MODEL_SIGNING_KEY
+    if force or not model_signing.exists():
+        key = create_model_signing_key(model_signing, overwrite=True)
+        lines.append(_line("created model-signing key", f"{model_signing} (key id {key.kid})"))
+    else:
+        key = load_model_signing_key(model_signing)
+        if not public_key_path(model_signing).exists():
+            pki.write_certificate(public_key_path(model_signing), key.public_pem())
+        lines.append(_line("kept model-signing key", f"{model_signing} (key id {key.kid})"))
+    kek_path = data_dir / cfg.MODEL_KEK
+    if kek_path.exists():
+        kek = read_kek_file(kek_path)
+        lines.append(_line("kept model KEK", f"{kek_path} (KEK id {kek.kid})"))
+    else:
+        kek = create_kek_file(kek_path)
+        lines.append(_line("created model KEK", f"{kek_path} (KEK id {kek.kid}); back it up"))
+    return lines
 
 
 def _write_broker_files(data_dir: Path, port: int) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 from cryptography import x509
 
 from fleet_server import pki
-from fleet_server.config import AttestationSettings, ServerConfig
+from fleet_server.config import AlertSettings, AttestationSettings, ModelSettings, ServerConfig
 from fleet_server.enrollment.ekcert import load_trust_bundle
 from fleet_server.keys import ResultSigner, load_signing_key
+from fleet_server.modelstore.kek import Kek, load_kek
 from fleet_server.service.common import Clock, SystemClock
 from protocol.errors import ConfigError
 
@@ -54,6 +55,10 @@ class ServiceContext:
     """Jitter of the schedule (not a secret)."""
     token: Callable[[int], bytes] = field(default=secrets.token_bytes, repr=False)
     """Source of nonces and credential secrets (``secrets.token_bytes``)."""
+    models: ModelSettings = field(default_factory=ModelSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    kek: Kek | None = field(default=None, repr=False)
+    """Opens the sealed data keys of published models; ``None`` disables key release."""
 
     @classmethod
     def from_config(cls, config: ServerConfig, *, clock: Clock | None = None) -> ServiceContext:
@@ -62,7 +67,8 @@ class ServiceContext:
         ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
         bundle = load_trust_bundle_file(config.trust_bundle)
         return cls(settings=config.attestation, signer=signer, fleet_ca=ca, trust_bundle=bundle,
-                   clock=clock or SystemClock())
+                   clock=clock or SystemClock(), models=config.models, alerts=config.alerts,
+                   kek=load_kek(config.models.kek_file))
 
     def next_attestation_at(self, now: int) -> int:
         """``now`` + interval +- jitter (ms)."""

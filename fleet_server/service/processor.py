@@ -58,6 +58,7 @@ from fleet_server.enrollment.credential import make_credential
 from fleet_server.enrollment.request import EnrollmentCandidate, check_enrollment_request, expected_proof
 from fleet_server.service.common import Counters, Outgoing, format_event, log_event
 from fleet_server.service.context import ServiceContext
+from fleet_server.service.models import MODEL_KINDS, ModelService
 from fleet_server.service.policies import ANY_CLASS, MAX_AGE_S, PolicyResolver
 from fleet_server.storage.models import ATTESTED_STATES, ChallengeStatus, DeviceState
 from fleet_server.storage.repo import (
@@ -109,6 +110,7 @@ KIND_PROOF = "proof"
 DEVICE_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_HELLO: (AttestRequest, MAX_PLAIN_MESSAGE),
     KIND_EVIDENCE: (Evidence, MAX_EVIDENCE_MESSAGE),
+    **MODEL_KINDS,  # model-fetch, key-request, telemetry: fleet_server/service/models.py
 }
 ENROLL_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_REQUEST: (EnrollRequest, MAX_PLAIN_MESSAGE),
@@ -273,6 +275,7 @@ class Processor:
         # log_sha256 against the database on every use, so it can never be stale.
         self._boots = _Lru(boot_cache_size)
         self._lock = threading.Lock()
+        self.models = ModelService(ctx, repo, counters)
 
     # -- public ------------------------------------------------------------------------------------
     def handle_batch(self, inbound: Sequence[InboundMessage]) -> list[Outgoing]:
@@ -354,7 +357,11 @@ class Processor:
             self.counters.add("batch.retried")
             log_event(log, logging.WARNING, "batch_retried", messages=len(items), error=_describe(exc))
             effects = self._fallback([*evidence, *hellos, *work], now)
-        return self._finish(prepared, effects, now)
+        out = self._finish(prepared, effects, now)
+        model_items = [i for i in items if i.kind in MODEL_KINDS]
+        if model_items:  # own transaction (key requests, telemetry) or a read (downloads)
+            out += self.models.handle(model_items, now)
+        return out
 
     def _fallback(self, units: list[Inbound | _EnrollPlan], now: int) -> _Effects:
         """Handle every message in a transaction of its own (after a failed batch transaction)."""
@@ -511,6 +518,8 @@ class Processor:
             return
         settings = self.ctx.settings
         expires = now + settings.result_validity_ms
+        lease_until = self.models.lease_until(now)  # trusted results renew the device's model leases
+        appraised: list[tuple[str, str, bool]] = []
         used: list[str] = []
         attestations: list[NewAttestation] = []
         devices: list[AppraisedDevice] = []
@@ -570,8 +579,10 @@ class Processor:
             fx.replies.append(Reply(topics.device_down(ctx.device_id, DOWN_RESULT), ctx.device_id,
                                     AttestationResult(challenge_id=ctx.challenge_id, verdict=verdict,
                                                       reasons=_bounded(reasons), expires=expires,
-                                                      evidence_sha256=evidence_sha256),
+                                                      evidence_sha256=evidence_sha256,
+                                                      lease_until=lease_until if verdict == TRUSTED else 0),
                                     "attestation.result"))
+            appraised.append((ctx.device_id, ctx.device_class, verdict == TRUSTED))
             fx.counters[f"verdict.{verdict}"] += 1
             fx.counters["attestations"] += 1
             if boot is not None and boot.log and boot.prepared:
@@ -583,6 +594,9 @@ class Processor:
         tx.insert_attestations(attestations)
         tx.update_appraised_devices(devices)
         tx.insert_state_changes(changes)
+        # Leases renewed or revoked with the verdicts; model offers go out after the results.
+        fx.replies += [Reply(n.topic, n.aud, n.message, n.kind)
+                       for n in self.models.on_appraised(tx, appraised, now)]
 
     def _rechallenge(self, tx: Tx, plan: _EvidencePlan, now: int, fx: _Effects) -> None:
         """The device rebooted since the held log: its log continuation cannot be judged. Instead of
@@ -658,6 +672,12 @@ class Processor:
             # the stricter check, and the quote's resetCount is verified anyway.
             tx.clear_held_log(item.device_id)
             held = None
+            if open_challenge is not None and open_challenge.log_offset > 0:
+                # It asks for a continuation of the log just dropped: answered (the device may have
+                # it already), it could only fail appraisal. Withdraw it; a new challenge follows,
+                # now or (rate limit) from the scheduler.
+                tx.supersede_open_challenges([item.device_id])
+                open_challenge = None
         if (open_challenge is not None and open_challenge.deadline - now >= settings.challenge_timeout_ms // 2
                 and (held is not None or open_challenge.log_offset == 0)):
             # A fresh open challenge: send it again rather than a new one (rate limit, and the device

@@ -127,7 +127,9 @@ class Scheduler:
         limit = self.ctx.settings.missed_challenges_limit
         unreachable: list[str] = []
         with self.repo.write("expiring challenges") as tx:
+            swept = tx.models.sweep_leases(now)  # model leases not renewed in time, or of untrusted devices
             expired = tx.expire_challenges(now - EXPIRY_GRACE_MS, EXPIRE_BATCH)
+            _count_swept(self.counters, swept)
             if not expired:
                 return 0, []
             for device in tx.count_misses([e.device_id for e in expired], now):
@@ -142,3 +144,10 @@ class Scheduler:
             log_event(log, logging.WARNING, "state_changed", device=device_id, to_state="unreachable",
                       cause="missed challenges")
         return len(expired), unreachable
+
+
+def _count_swept(counters: Counters, swept: tuple[int, int]) -> None:
+    """Count model leases the round expired and revoked (fleet_server/service/models.py)."""
+    for name, n in zip(("leases.expired", "leases.revoked"), swept, strict=True):
+        if n:
+            counters.add(name, n)

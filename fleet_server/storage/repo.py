@@ -49,8 +49,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from fleet_server.storage import models
+from fleet_server.storage import alerting, models
 from fleet_server.storage.db import storage_error, write_connection
+from fleet_server.storage.model_repo import ModelReads, ModelTx
 from fleet_server.storage.models import ATTESTED_STATES, ChallengeStatus, DeviceState
 from protocol.errors import StorageError
 
@@ -638,6 +639,11 @@ class Tx:
         self.conn = conn
         self._postgres = conn.dialect.name == "postgresql"
 
+    @property
+    def models(self) -> ModelTx:
+        """The model-protection tables in this transaction (:mod:`fleet_server.storage.model_repo`)."""
+        return ModelTx(self.conn)
+
     # -- generic -----------------------------------------------------------------------------------
     def _all(self, stmt: Any, params: Mapping[str, Any] | None = None) -> Sequence[Row[Any]]:
         return self.conn.execute(stmt, params or {}).all()
@@ -717,10 +723,14 @@ class Tx:
         self.set_held_logs([(device_id, b"", None)])
 
     def insert_state_changes(self, rows: Sequence[NewStateChange]) -> None:
+        """Record state changes; the alert rules on state changes run here, in this transaction."""
         if rows:
             _Compiled.of(_INSERT_STATECHANGE, _STATECHANGE_KEYS, self.conn).executemany(self.conn, [
                 {"device_id": s.device_id, "at": s.at, "from_state": s.from_state, "to_state": s.to_state,
                  "cause": s.cause[:2000]} for s in rows])
+            alerts = alerting.state_change_alerts(rows)
+            if alerts:
+                alerting.raise_alerts(self.conn, alerts, max(s.at for s in rows))
 
     # -- challenges --------------------------------------------------------------------------------
     def hello_contexts(self, device_ids: Sequence[str]) -> dict[str, HelloContext]:
@@ -1008,6 +1018,11 @@ class Repository:
     def dispose(self) -> None:
         """Close pooled connections (before a fork, or at exit)."""
         self.engine.dispose()
+
+    @property
+    def models(self) -> ModelReads:
+        """Reads of the model-protection tables (:mod:`fleet_server.storage.model_repo`)."""
+        return ModelReads(self.engine)
 
     # -- devices -----------------------------------------------------------------------------------
     def device(self, device_id: str) -> DeviceRecord | None:

@@ -1,0 +1,137 @@
+"""Administrator operations on published models: entitlements and usage policies (used by the CLI).
+
+Each operation is one write transaction. Withdrawing an entitlement revokes the leases (active or
+superseded) of the devices that are no longer entitled and queues, in the same transaction, a signed
+``key-denied`` for each of them in the outbox (a running worker publishes it): the device's
+agent zeroizes the data key of that model on it. Changing a version's policy supersedes its
+active leases, so the devices are offered the model again with their next trusted attestation and
+receive the new policy in a new key release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fleet_server.keys import ResultSigner
+from fleet_server.modelstore.policy import apply_settings, policy_from_text, policy_json
+from fleet_server.modelstore.store import check_name, check_version
+from fleet_server.service.models import DOWN_KEY_DENIED
+from fleet_server.storage.model_repo import LeaseRecord
+from fleet_server.storage.model_tables import EntitlementKind, LeaseState
+from fleet_server.storage.repo import Repository
+from protocol import topics
+from protocol.errors import EdgeError
+from protocol.messages import NAME_RE, KeyDenied, ModelPolicy
+from protocol.topics import validate_device_id
+
+__all__ = ["ModelAdminError", "PolicyChange", "Withdrawal", "entitle", "revoke_entitlement", "set_policy",
+           "subject"]
+
+
+_HELD = (LeaseState.ACTIVE, LeaseState.SUPERSEDED)  # leases whose key the device may still hold
+
+
+class ModelAdminError(EdgeError):
+    """An administrator's request on models cannot be carried out (unknown model or version...)."""
+
+
+def subject(*, device_class: str | None, device_id: str | None) -> tuple[str, str]:
+    """(kind, subject) of an entitlement naming exactly one of a device class or a device id."""
+    if (device_class is None) == (device_id is None):
+        raise ModelAdminError("name either a device class or a device id")
+    if device_id is not None:
+        return EntitlementKind.DEVICE, validate_device_id(device_id)
+    assert device_class is not None
+    if not NAME_RE.fullmatch(device_class):
+        raise ModelAdminError(f"invalid device class {device_class[:80]!r}")
+    return EntitlementKind.CLASS, device_class
+
+
+def entitle(repo: Repository, name: str, *, device_class: str | None = None, device_id: str | None = None,
+            now: int, actor: str = "admin") -> bool:
+    """Entitle a device or a device class to model ``name``; False if it already was."""
+    kind, who = subject(device_class=device_class, device_id=device_id)
+    with repo.write("entitling a device") as tx:
+        model = tx.models.model(check_name(name))
+        if model is None:
+            raise ModelAdminError(f"no model {name!r}; publish it first")
+        return tx.models.add_entitlement(model.id, kind, who, now=now, actor=actor)
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawal:
+    """The outcome of :func:`revoke_entitlement`."""
+
+    removed: bool
+    revoked: tuple[LeaseRecord, ...]
+    """Active or superseded leases revoked because their device is no longer entitled (one signed
+    ``key-denied`` queued per device and version)."""
+
+
+def revoke_entitlement(repo: Repository, name: str, *, signer: ResultSigner, now: int,
+                       device_class: str | None = None, device_id: str | None = None,
+                       actor: str = "admin") -> Withdrawal:
+    """Withdraw an entitlement; revoke the leases it no longer covers and tell those devices."""
+    kind, who = subject(device_class=device_class, device_id=device_id)
+    with repo.write("withdrawing an entitlement") as tx:
+        models = tx.models
+        model = models.model(check_name(name))
+        if model is None:
+            raise ModelAdminError(f"no model {name!r}")
+        removed = models.remove_entitlement(model.id, kind, who)
+        # Superseded leases count too: after a policy change the device still holds the key until
+        # it asks again, and its attestations keep renewing what it holds.
+        live = models.leases(model_id=model.id, states=_HELD)
+        devices = models.device_trust([lease.device_id for lease in live])
+        lost = sorted({lease.device_id for lease in live
+                       if lease.device_id not in devices
+                       or not models.entitled(model.id, lease.device_id, devices[lease.device_id][1])})
+        revoked = models.end_leases(state=LeaseState.REVOKED, reason=f"entitlement withdrawn by {actor}",
+                                    now=now, device_ids=lost, model_id=model.id, from_states=_HELD)
+        for device_id, version in sorted({(x.device_id, x.version) for x in revoked}):
+            notice = KeyDenied(name=name, version=version,
+                               reasons=(f"device {device_id} is no longer entitled to model {name}",))
+            tx.add_outbox(topics.device_down(device_id, DOWN_KEY_DENIED),
+                          signer.sign(notice, aud=device_id, ts=now), now)
+    return Withdrawal(removed, tuple(revoked))
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChange:
+    """The outcome of :func:`set_policy`."""
+
+    name: str
+    version: str
+    before: ModelPolicy
+    after: ModelPolicy
+    superseded: int
+
+
+def set_policy(repo: Repository, name: str, settings: Sequence[str], *, now: int, version: str | None = None,
+               actor: str = "admin") -> PolicyChange:
+    """Apply ``key=value`` settings to the policy of ``version`` (default: the newest) of ``name``."""
+    with repo.write("changing a model policy") as tx:
+        models = tx.models
+        model = models.model(check_name(name))
+        if model is None:
+            raise ModelAdminError(f"no model {name!r}")
+        versions = models.versions(model.id, lock=True)
+        if version is not None:
+            check_version(version)
+            chosen = next((x for x in versions if x.version == version), None)
+            if chosen is None:
+                raise ModelAdminError(f"model {name} has no version {version}")
+        elif versions:
+            chosen = versions[0]
+        else:
+            raise ModelAdminError(f"model {name} has no published version")
+        before = policy_from_text(chosen.policy)
+        after = apply_settings(before, list(settings))
+        superseded = 0
+        if after != before:
+            models.set_policy(chosen.id, policy_json(after))
+            superseded = len(models.end_leases(
+                state=LeaseState.SUPERSEDED, reason=f"policy changed by {actor}", now=now,
+                model_id=model.id, version=chosen.version))
+    return PolicyChange(name, chosen.version, before, after, superseded)

@@ -25,6 +25,13 @@ Example (every key is described in ``docs/agent.md``)::
     [log]
     level = "info"
 
+    [models]                      # optional: the model vault (docs/agent.md, "Model vault")
+    signing_public_key = "model-signing.pub.pem"
+
+    [inference]                   # optional: the local inference API
+    socket = "/run/edge-agent/inference.sock"
+    clients_file = "clients.toml"
+
 Strict: unknown keys and tables, wrong types and out-of-range values are refused with a
 :class:`~protocol.errors.ConfigError` that names the key (``mqtt.port: ...``).  Relative paths are
 resolved against the folder of the configuration file, so a configuration folder can be moved as a
@@ -98,6 +105,53 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelsConfig:
+    """``[models]``: the model vault (protected model packages, key release, leases, telemetry)."""
+
+    signing_public_key: Path
+    """The pinned model-signing public key (ECDSA P-256): package manifests must be signed with it."""
+    telemetry_interval: float = 300.0
+    """Seconds between usage telemetry messages (one per model with activity)."""
+    offline_grace: float | None = None
+    """If set: seconds a model stays unlocked without a lease renewal, even if the server's lease is
+    longer (it can only shorten a lease, never extend it)."""
+    fetch_window: int = 4
+    """Package chunk requests outstanding at once."""
+    fetch_chunk: int = 256 * 1024
+    """Bytes asked for per chunk request."""
+    fetch_timeout: float = 30.0
+    """Seconds after which an unanswered chunk request is sent again."""
+    max_package_size: int = 2**31 + 16 * 1024 * 1024
+    """Largest package the agent downloads (bytes)."""
+    key_retry: float = 30.0
+    """Seconds before an unanswered key request is sent again."""
+    counter_save_requests: int = 1000
+    """Served requests after which the quota counters are saved (and the TPM NV counter incremented)."""
+    counter_save_interval: float = 60.0
+    """Seconds after which changed quota counters are saved at the latest."""
+    ort_threads: int = 1
+    """onnxruntime intra-op threads per model."""
+    harden_process: bool = True
+    """Disable core dumps and ptrace attach for the agent process (``RLIMIT_CORE=0``, not dumpable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceConfig:
+    """``[inference]``: the local inference API for applications on the device."""
+
+    clients_file: Path
+    """TOML file: client id -> token SHA-256 (and optional limits); see docs/agent.md."""
+    socket: Path | None = None
+    """Unix socket path (mode 0600); exclusive with ``port``."""
+    port: int | None = None
+    """Loopback TCP port (``0``: an ephemeral port); exclusive with ``socket``."""
+    audit_max_bytes: int = 8 * 1024 * 1024
+    """Size at which the audit log is rotated."""
+    audit_keep: int = 4
+    """Rotated audit files kept (``audit.jsonl.1`` ... ``.N``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent is configured with (see :func:`load_config`)."""
 
@@ -112,6 +166,10 @@ class AgentConfig:
     log: LogConfig
     source: Path | None = None
     """The file this configuration was read from, if any."""
+    models: ModelsConfig | None = None
+    """``[models]``, or ``None`` when the model vault is not configured."""
+    inference: InferenceConfig | None = None
+    """``[inference]``, or ``None`` when no local inference API is configured."""
 
     @property
     def status_path(self) -> Path:
@@ -184,6 +242,18 @@ class _Table:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self._base / path)
 
+    def has(self, key: str) -> bool:
+        """True if ``key`` is present (not yet taken)."""
+        return key in self._data
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._take(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._name(key)}: expected true or false")
+        return value
+
     def table(self, key: str) -> _Table:
         value = self._take(key, False)
         if value is None:
@@ -237,10 +307,45 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     log = LogConfig(level=lg.text("level", "info", choices=LOG_LEVELS),
                     format=lg.text("format", "kv", choices=LOG_FORMATS))
     lg.done()
+    models = _models(top.table("models")) if top.has("models") else None
+    inference = _inference(top.table("inference")) if top.has("inference") else None
+    if inference is not None and models is None:
+        raise ConfigError("inference: needs a [models] table (the inference API serves the model vault)")
     top.done()
     return AgentConfig(device_id=device_id, device_class=device_class, firmware_version=firmware_version,
                        state_dir=state_dir, eventlog=eventlog, tpm=tpm, mqtt=mqtt, server=server, log=log,
-                       source=source)
+                       source=source, models=models, inference=inference)
+
+
+def _models(t: _Table) -> ModelsConfig:
+    grace = t.seconds("offline_grace", -1.0, lo=1, hi=30 * 86400) if t.has("offline_grace") else None
+    out = ModelsConfig(
+        signing_public_key=t.path("signing_public_key"),
+        telemetry_interval=t.seconds("telemetry_interval", 300.0, lo=1, hi=86400),
+        offline_grace=grace,
+        fetch_window=t.integer("fetch_window", 4, lo=1, hi=64),
+        fetch_chunk=t.integer("fetch_chunk", 256 * 1024, lo=1024, hi=256 * 1024),
+        fetch_timeout=t.seconds("fetch_timeout", 30.0, lo=0.1, hi=3600),
+        max_package_size=t.integer("max_package_size", 2**31 + 16 * 1024 * 1024, lo=1024, hi=8 << 30),
+        key_retry=t.seconds("key_retry", 30.0, lo=0.1, hi=86400),
+        counter_save_requests=t.integer("counter_save_requests", 1000, lo=1, hi=10**9),
+        counter_save_interval=t.seconds("counter_save_interval", 60.0, lo=0.1, hi=86400),
+        ort_threads=t.integer("ort_threads", 1, lo=1, hi=64),
+        harden_process=t.flag("harden_process", True))
+    t.done()
+    return out
+
+
+def _inference(t: _Table) -> InferenceConfig:
+    socket = t.path("socket") if t.has("socket") else None
+    port = t.integer("port", lo=0, hi=65535) if t.has("port") else None
+    if (socket is None) == (port is None):
+        raise ConfigError("inference: set exactly one of socket (a Unix socket path) or port (loopback TCP)")
+    out = InferenceConfig(clients_file=t.path("clients_file"), socket=socket, port=port,
+                          audit_max_bytes=t.integer("audit_max_bytes", 8 * 1024 * 1024, lo=4096, hi=1 << 40),
+                          audit_keep=t.integer("audit_keep", 4, lo=1, hi=100))
+    t.done()
+    return out
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -28,6 +28,7 @@ one.  A rejected enrollment, unusable configuration or state files end the agent
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from types import FrameType
 from typing import Any
 
@@ -47,7 +48,8 @@ from agent.identity import DeviceIdentity
 from agent.log import EventLogger
 from agent.statefile import ensure_dir, write_atomic
 from agent.tpm.adapter import TpmAdapter
-from agent.trust import Channel, MessageVerifier, TrustState, load_signing_keys
+from agent.trust import CHUNK_KIND, Channel, MessageVerifier, TrustState, load_signing_keys
+from agent.vault.vault import ModelVault
 from agent.version import agent_version
 from protocol import topics
 from protocol.errors import EdgeError, TpmError, TransportError
@@ -55,6 +57,9 @@ from protocol.messages import (
     AttestationResult,
     AttestRequest,
     Challenge,
+    KeyDenied,
+    KeyRelease,
+    ModelOffer,
     Revocation,
     encode_plain,
     new_message_id,
@@ -65,6 +70,14 @@ POLL = 0.2
 """Seconds a loop waits for work before re-checking the stop flag and the connection."""
 STATUS_HEARTBEAT = 30.0
 """The status file is rewritten at least this often (its ``updated`` time shows the agent is alive)."""
+STATUS_MIN_INTERVAL = 2.0
+"""A change of only the counters or of the verdict's expiry (every attestation makes one) is written at
+most this often: an atomic, durable rewrite costs about a millisecond of CPU, more than the rest of an
+attestation on the device.  Any other change (phase, connection, verdict, reasons, error) is written
+at once."""
+_VOLATILE_STATUS = ("counters", "trusted_until")
+WORKER_IDLE_WAIT = 5.0
+"""Seconds the attestation worker waits for a challenge before re-checking the stop flag."""
 EVIDENCE_ACK_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 TPM_SUBDIR = "tpm"
@@ -102,10 +115,15 @@ class AgentStatus:
     enrollment: str | None = None
     """Enrollment progress while enrolling (``requested``, ``pending``, ...), else ``None``."""
     enrollment_reasons: tuple[str, ...] = field(default=())
+    models: Mapping[str, Any] = field(default_factory=dict)
+    """The model vault's state (``ModelVault.status()``), empty without ``[models]``."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists)."""
-        out = asdict(self)
+        # Built field by field: dataclasses.asdict deep-copies recursively, and the agent's loop
+        # calls this on every iteration to notice changes.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["models"] = copy.deepcopy(dict(self.models)) if self.models else {}
         out["counters"] = dict(sorted(self.counters.items()))
         out["verdict_reasons"] = list(self.verdict_reasons)
         out["enrollment_reasons"] = list(self.enrollment_reasons)
@@ -176,6 +194,7 @@ class Agent:
         self._status_written_at = 0.0
         self._status_error_logged = False
         self._version = agent_version()[:64]
+        self._vault: ModelVault | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +209,9 @@ class Agent:
         ensure_dir(self.config.state_dir)
         keys = load_signing_keys(self.config.server.signing_public_key)
         self._verifier = MessageVerifier(keys, max_skew=self.config.server.max_clock_skew)
+        if self.config.models is not None:  # pinned model key and clients file are checked here
+            self._vault = ModelVault(self.config, tpm=self._tpm_adapter, trust=self._trust, clock=self._clock,
+                                     log=self._log)
         self._enrolled = self._identity.certificate() is not None
         self._set_phase("starting")
         self._log.info("agent_starting", version=self._version, enrolled=self._enrolled,
@@ -273,7 +295,8 @@ class Agent:
                 counters=counters, error=self._error, updated=now, pid=os.getpid(),
                 agent_version=self._version,
                 enrollment=None if enrollment is None or self._enrolled else enrollment.progress.status,
-                enrollment_reasons=() if enrollment is None else enrollment.progress.reasons)
+                enrollment_reasons=() if enrollment is None else enrollment.progress.reasons,
+                models={} if self._vault is None else self._vault.status())
 
     def trusted(self) -> bool:
         """True while the latest verified verdict is ``trusted`` and not expired."""
@@ -290,9 +313,14 @@ class Agent:
     def _write_status(self, *, force: bool = False) -> None:
         status = self.status().to_dict()
         comparable = {k: v for k, v in status.items() if k != "updated"}
-        due = time.monotonic() - self._status_written_at >= STATUS_HEARTBEAT
-        if not force and not due and comparable == self._status_written:
-            return
+        since = time.monotonic() - self._status_written_at
+        written = self._status_written
+        if not force and since < STATUS_HEARTBEAT:
+            if comparable == written:
+                return
+            if since < STATUS_MIN_INTERVAL and written is not None and all(
+                    comparable[k] == written.get(k) for k in comparable if k not in _VOLATILE_STATUS):
+                return  # written on a later call, at most STATUS_MIN_INTERVAL late
         try:
             write_atomic(self.config.status_path, (json.dumps(status, sort_keys=True) + "\n").encode())
         except EdgeError as exc:
@@ -408,6 +436,9 @@ class Agent:
         client = self._new_client(self._identity.tls_files(self.config.mqtt.ca_cert), device_id, channel)
         self._client = client
         client.start()
+        if self._vault is not None:
+            self._vault.attach(client)
+            self._vault.start()
         self._set_phase("running")
         self._worker = threading.Thread(target=self._work, args=(client,), name=f"agent-{device_id}-attest",
                                         daemon=True)
@@ -466,6 +497,10 @@ class Agent:
 
     def _handle(self, channel: Channel, inbound: InboundMessage) -> None:
         assert self._verifier is not None
+        vault = self._vault
+        if vault is not None and inbound.topic == topics.device_down(channel.device_id, CHUNK_KIND):
+            vault.on_chunk(inbound.payload)  # binary package chunk, not a signed message: the vault vets it
+            return
         try:
             envelope = self._verifier.verify(channel, inbound.topic, inbound.payload, now=self._clock())
         except EdgeError as exc:
@@ -481,22 +516,37 @@ class Agent:
                 self._log.info("challenge_superseded", challenge_id=replaced.challenge_id)
             self._log.debug("challenge_received", challenge_id=msg.challenge_id, deadline=msg.deadline,
                             log_offset=msg.log_offset)
+            if vault is not None:
+                vault.on_challenge(dict(msg.selection))
         elif isinstance(msg, AttestationResult):
+            if vault is not None and msg.verdict != "trusted":
+                vault.on_result(msg, server_ts=envelope.ts)  # locks every model before anything else
             applied = self._trust.apply(envelope)
+            if vault is not None and msg.verdict == "trusted":
+                vault.on_result(msg, server_ts=envelope.ts)  # renews leases, may ask for keys
             self._count("results_received")
             self._log.info("attestation_result", challenge_id=msg.challenge_id, verdict=msg.verdict,
                            expires=msg.expires, applied=applied, msg_id=envelope.id,
                            reasons="; ".join(msg.reasons))
         elif isinstance(msg, Revocation):
+            if vault is not None:
+                vault.on_revocation(msg, server_ts=envelope.ts)  # locks every model before anything else
             applied = self._trust.apply(envelope)
             self._count("revocations_received")
             self._log.warning("revocation", state=msg.state, applied=applied, msg_id=envelope.id,
                               reasons="; ".join(msg.reasons))
+        elif isinstance(msg, ModelOffer | KeyRelease | KeyDenied):
+            if vault is not None:
+                vault.on_message(envelope)
+            else:
+                self._log.debug("model_message_ignored", type=envelope.type, reason="no [models] configured")
 
     # -- worker thread -----------------------------------------------------------------------------
     def _work(self, client: MqttClient) -> None:
         while not self._stop.is_set():
-            challenge = self._mailbox.take(POLL)
+            # Every stop path wakes the mailbox, so an idle worker need not poll often (with many
+            # agents in one process, idle wake-ups add up).
+            challenge = self._mailbox.take(WORKER_IDLE_WAIT)
             if challenge is not None and not self._stop.is_set():
                 self._answer(client, challenge)
 
@@ -549,6 +599,13 @@ class Agent:
         worker = self._worker
         if worker is not None:
             worker.join(STOP_TIMEOUT)
+        vault = self._vault
+        if vault is not None:  # before the TPM goes: the counters are saved with an NV increment
+            vault.attach(None)
+            try:
+                vault.stop()
+            except EdgeError as exc:
+                self._log.warning("vault_stop_failed", error=exc.diagnostics())
         self._drop_tpm()
         self._set_phase("failed" if self._error is not None else "stopped")
         self._write_status(force=True)

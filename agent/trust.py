@@ -43,7 +43,10 @@ from protocol.messages import (
     EnrollChallenge,
     EnrollResult,
     Envelope,
+    KeyDenied,
+    KeyRelease,
     Message,
+    ModelOffer,
     Revocation,
     VerifyKey,
     decode_signed,
@@ -57,8 +60,18 @@ DEVICE_KINDS: Mapping[str, type[Message]] = {
     "challenge": Challenge,
     "result": AttestationResult,
     "revocation": Revocation,
+    "model-offer": ModelOffer,
+    "key-release": KeyRelease,
+    "key-denied": KeyDenied,
 }
-"""Message type admitted on each device ``down`` topic kind (``fleet/v1/devices/<id>/down/<kind>``)."""
+"""Message type admitted on each device ``down`` topic kind (``fleet/v1/devices/<id>/down/<kind>``).
+
+``model-chunk`` is not here: package chunks are binary frames, not signed messages (their integrity
+comes from the package's signed manifest and the offer's ``package_sha256``); the agent hands them
+to the model vault before verification (see :data:`CHUNK_KIND`)."""
+
+CHUNK_KIND = "model-chunk"
+"""Topic kind of package chunk frames (``protocol.messages.decode_chunk``), server -> device."""
 
 ENROLL_KINDS: Mapping[str, type[Message]] = {
     "challenge": EnrollChallenge,

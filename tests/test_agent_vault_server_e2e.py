@@ -1,0 +1,170 @@
+"""The model vault against the real fleet server, the way an operator runs it: ``fleet-server init``,
+Mosquitto with init's broker files, a worker from ``server.toml``, reference values from a golden boot,
+``fleet-server model publish`` and ``model entitle``, ``claim issue`` (which bundles the pinned
+model-signing key), the real agent with ``[models]`` and ``[inference]``; then ``device approve``. The
+device is offered the model with its trusted result, downloads it, gets its data key released to its
+PCR-bound TPM key, and serves it on the local API; ``fleet-server device revoke`` locks it at once."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.service import Agent
+from firmware_sim.broker import MosquittoBroker
+from firmware_sim.device import SimulatedDevice
+from firmware_sim.manufacturer import ManufacturerCA
+from firmware_sim.testmodel import small_classifier
+from fleet_server.cli import main as cli
+from fleet_server.config import load_config
+from fleet_server.service.worker import Worker
+
+pytest.register_assert_rewrite("mqtt_fixtures", "agent_fixtures")
+from agent_fixtures import AgentFactory, wait_status  # noqa: E402
+from mqtt_fixtures import WAIT  # noqa: E402
+
+pytest_plugins = ("mqtt_fixtures", "agent_fixtures")
+pytestmark = [pytest.mark.swtpm, pytest.mark.mqtt, pytest.mark.slow]
+
+DEVICE = "cam-0901"
+TOKEN = "vision-app-token-0123456789"
+ROW = [0.5] * 16
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, manufacturer_ca: ManufacturerCA, capsys: pytest.CaptureFixture[str]) -> Path:
+    folder = tmp_path / "fleet"
+    assert cli(["init", "--data-dir", str(folder), "--trust-bundle", str(manufacturer_ca.bundle)]) == 0
+    capsys.readouterr()
+    return folder
+
+
+@pytest.fixture
+def broker(tmp_path: Path, data_dir: Path) -> Iterator[MosquittoBroker]:
+    pki = data_dir / "pki"
+    mosquitto = MosquittoBroker(tmp_path / "mosquitto", pki / "fleet-ca.pem", pki / "broker.pem",
+                                pki / "broker.key")
+    mosquitto.start()
+    config = data_dir / "server.toml"
+    config.write_text(config.read_text().replace("port = 8883", f"port = {mosquitto.port}"))
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.stop()
+
+
+@pytest.fixture
+def worker(data_dir: Path, broker: MosquittoBroker) -> Iterator[Worker]:
+    running = Worker(load_config(data_dir / "server.toml")).start()
+    try:
+        running.wait_connected(WAIT)
+        yield running
+    finally:
+        running.stop()
+        running.repo.dispose()
+
+
+def _agent_config(folder: Path, device: SimulatedDevice, claim: Path, broker: MosquittoBroker) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "clients.toml").write_text(
+        f'[clients.vision-app]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\n')
+    path = folder / "agent.toml"
+    path.write_text(f"""
+device_id = "{DEVICE}"
+device_class = "edge-camera"
+firmware_version = "1.2.0"
+state_dir = "state"
+eventlog = "{device.eventlog_path}"
+[tpm]
+tcti = "{device.tcti}"
+[mqtt]
+host = "127.0.0.1"
+port = {broker.port}
+ca_cert = "{claim / 'fleet-ca.pem'}"
+claim_cert = "{claim / 'claim.pem'}"
+claim_key = "{claim / 'claim.key'}"
+reconnect_min = 0.1
+reconnect_max = 1.0
+[server]
+signing_public_key = "{claim / 'server-signing.pub.pem'}"
+[models]
+signing_public_key = "{claim / 'model-signing.pub.pem'}"
+telemetry_interval = 1
+harden_process = false
+[inference]
+port = 0
+clients_file = "clients.toml"
+""")
+    return path
+
+
+def _predict(agent: Agent, token: str) -> tuple[int, dict[str, Any]]:
+    host, port = agent.status().models["inference_address"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=WAIT)
+    try:
+        body = json.dumps({"inputs": {"input": [ROW]}}).encode()
+        conn.request("POST", "/v1/models/classifier:predict", body,
+                     {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_operator_publishes_entitles_and_the_device_serves_the_model_until_revoked(
+        tmp_path: Path, data_dir: Path, broker: MosquittoBroker, worker: Worker,
+        manufacturer_ca: ManufacturerCA, make_agent: AgentFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(data_dir / "server.toml")
+    device = SimulatedDevice.create(tmp_path / "device", ca=manufacturer_ca)
+    try:
+        device.boot()
+        assert cli(["policy", "from-eventlog", str(device.eventlog_path), "--name", "edge-camera-1.2.0",
+                    "--device-class", "edge-camera", "--config", config]) == 0
+        model_file = tmp_path / "classifier.onnx"
+        model = small_classifier(seed=5)
+        model_file.write_bytes(model)
+        assert cli(["model", "publish", str(model_file), "--name", "classifier", "--version", "1.0.0",
+                    "--chunk-size", "1024", "--config", config]) == 0
+        assert cli(["model", "entitle", "classifier", "--device-class", "edge-camera",
+                    "--config", config]) == 0
+        claim = tmp_path / "provisioning"
+        assert cli(["claim", "issue", DEVICE, "--out", str(claim), "--config", config]) == 0
+        assert (claim / "model-signing.pub.pem").exists()
+        capsys.readouterr()
+
+        agent: Agent = make_agent(_agent_config(tmp_path / "agent", device, claim, broker))
+        wait_status(agent, lambda s: s.phase == "pending", "the server to hold the device pending")
+        assert agent.status().models["models"] == {}  # a pending device is offered nothing
+        assert cli(["device", "approve", DEVICE, "--config", config]) == 0
+        wait_status(agent, lambda s: s.trusted, "a trusted verdict after approval")
+
+        def serving(s: Any) -> bool:
+            m = s.models.get("models", {}).get("classifier") or {}
+            return bool(m.get("serving_version") == "1.0.0" and not m.get("locked"))
+
+        wait_status(agent, serving, "the model downloaded, keyed and unlocked")
+        status, answer = _predict(agent, TOKEN)
+        assert status == 200 and answer["model"] == "classifier"
+        assert _predict(agent, "wrong-token")[0] == 401
+        assert (agent.config.state_dir / "models" / "classifier-1.0.0.pkg").exists()
+
+        assert cli(["device", "revoke", DEVICE, "--config", config]) == 0
+        wait_status(agent, lambda s: s.counters.get("revocations_received", 0) >= 1, "the revocation")
+        snapshot = agent.status()
+        assert snapshot.models["models"]["classifier"]["locked"]
+        assert snapshot.models["last_lock"]["lock_seconds"] < 1.0
+        status, answer = _predict(agent, TOKEN)
+        assert status == 423 and "revoked" in answer["error"]["message"]
+        agent.stop()
+        for path in (tmp_path / "agent").rglob("*"):
+            if path.is_file():
+                assert model not in path.read_bytes(), path
+    finally:
+        device.shutdown()

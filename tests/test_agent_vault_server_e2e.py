@@ -168,3 +168,62 @@ def test_operator_publishes_entitles_and_the_device_serves_the_model_until_revok
                 assert model not in path.read_bytes(), path
     finally:
         device.shutdown()
+
+
+def test_a_policy_change_rekeys_the_device_and_a_withdrawn_entitlement_locks_it(
+        tmp_path: Path, data_dir: Path, broker: MosquittoBroker, worker: Worker,
+        manufacturer_ca: ManufacturerCA, make_agent: AgentFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(data_dir / "server.toml")
+    device = SimulatedDevice.create(tmp_path / "device", ca=manufacturer_ca)
+    try:
+        device.boot()
+        assert cli(["policy", "from-eventlog", str(device.eventlog_path), "--name", "edge-camera-1.2.0",
+                    "--device-class", "edge-camera", "--config", config]) == 0
+        model_file = tmp_path / "classifier.onnx"
+        model_file.write_bytes(small_classifier(seed=6))
+        assert cli(["model", "publish", str(model_file), "--name", "classifier", "--version", "1.0.0",
+                    "--config", config]) == 0
+        assert cli(["model", "entitle", "classifier", "--device-class", "edge-camera",
+                    "--config", config]) == 0
+        assert cli(["device", "preregister", "--config", config,
+                    str(_ek_cert_file(tmp_path, device))]) == 0
+        claim = tmp_path / "provisioning"
+        assert cli(["claim", "issue", DEVICE, "--out", str(claim), "--config", config]) == 0
+        capsys.readouterr()
+        agent: Agent = make_agent(_agent_config(tmp_path / "agent", device, claim, broker))
+
+        def serving_with(lease_ids: set[str]) -> Any:
+            def check(s: Any) -> bool:
+                m = s.models.get("models", {}).get("classifier") or {}
+                return bool(m.get("serving_version") == "1.0.0" and not m.get("locked")
+                            and m.get("lease_id") not in lease_ids)
+            return check
+
+        wait_status(agent, serving_with(set()), "the model unlocked")
+        first_lease = agent.status().models["models"]["classifier"]["lease_id"]
+        status, answer = _predict(agent, TOKEN)
+        assert status == 200 and "scores" not in answer["outputs"]  # default policy: labels only
+
+        # The server supersedes the lease and offers the same version again: the device asks for a new
+        # key, and the new signed policy (full scores) applies.
+        assert cli(["model", "policy", "classifier", "--set", "output_mode=full", "--config", config]) == 0
+        wait_status(agent, serving_with({first_lease}), "a new key release under the new policy")
+        status, answer = _predict(agent, TOKEN)
+        assert status == 200 and "scores" in answer["outputs"]
+
+        # Withdrawing the entitlement ends the lease: the signed key.denied locks the model.
+        assert cli(["model", "revoke-entitlement", "classifier", "--device-class", "edge-camera",
+                    "--config", config]) == 0
+        wait_status(agent, lambda s: (s.models["models"]["classifier"].get("locked") is True),
+                    "the model locked by key.denied")
+        status, answer = _predict(agent, TOKEN)
+        assert status == 423 and "key denied" in answer["error"]["message"]
+    finally:
+        device.shutdown()
+
+
+def _ek_cert_file(tmp_path: Path, device: SimulatedDevice) -> Path:
+    path = tmp_path / "ek.der"
+    path.write_bytes(device.ek_certificate())
+    return path

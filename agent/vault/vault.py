@@ -118,6 +118,7 @@ class _Model:
     denied: tuple[str, ...] = ()
     last_error: str | None = None
     guard_clients: dict[bytes, ClientInfo] | None = None
+    rekey: bool = False                   # the server re-offered the serving version: ask for a new key
 
 
 @dataclass
@@ -486,6 +487,13 @@ class ModelVault:
                 continue
             held = not store.newer_than_held(ref)
             if held and store.package_path(ref.name, ref.version).exists():
+                # The server offers a version this device holds only when the device has no active
+                # lease for it (e.g. the policy changed and the old lease was superseded): ask again.
+                with self._lock:
+                    m = self._models.get(ref.name)
+                    if (m is not None and m.version == ref.version and m.runtime is not None
+                            and not m.rekey):
+                        m.rekey, m.key_requested_at = True, None
                 continue
             current = self._fetches.get(ref.name)
             if current is not None:
@@ -596,7 +604,7 @@ class ModelVault:
             selection = self._selection
             wanted = [(m.name, m.version) for m in self._models.values()
                       if m.version is not None and m.manifest is not None
-                      and (m.runtime is None or m.serving_version != m.version)
+                      and (m.runtime is None or m.serving_version != m.version or m.rekey)
                       and not (m.key_requested_version == m.version and m.key_requested_at is not None
                                and 0 <= now - m.key_requested_at < self._mcfg.key_retry)]
         if not wanted or client is None or not client.connected or binder is None or selection is None:
@@ -686,6 +694,7 @@ class ModelVault:
                 m.runtime.close()
             m.runtime, m.serving_version = runtime, release.version
             m.lock_reason, m.locked_at, m.denied, m.last_error = "", None, (), None
+            m.rekey = False
             self._leases.commit(m.name, lease, now=now, server_until=release.lease_expires / 1000)
             if self._api is not None:
                 self._api.guards[m.name] = guard
@@ -712,12 +721,17 @@ class ModelVault:
                               monitor=m.monitor)
 
     def _do_denied(self, msg: KeyDenied) -> None:
+        """A signed refusal also ends any session of that model: the server sends it when the device
+        lost its entitlement or trust, and leases are renewed per device, not per model."""
         self._count("key_denied")
+        now = self._clock()
         with self._lock:
             m = self._models.get(msg.name)
             if m is not None:
+                if m.runtime is not None or (m.guard is not None and not m.guard.locked):
+                    self._lock_model(m, "key denied: " + "; ".join(msg.reasons)[:400], now)
                 m.denied = msg.reasons
-                m.key_requested_at, m.key_requested_version = self._clock(), msg.version
+                m.key_requested_at, m.key_requested_version = now, msg.version
         self._log.warning("key_denied", model=msg.name, version=msg.version, reasons="; ".join(msg.reasons))
 
     # -- counters, telemetry, audit ----------------------------------------------------------------

@@ -246,7 +246,8 @@ def _policy(args: argparse.Namespace) -> int:
     config = load(args)
     with repository(config) as repo:
         if args.settings:
-            change = admin.set_policy(repo, args.name, args.settings, version=args.version, now=now_ms())
+            change = admin.set_policy(repo, args.name, args.settings, version=args.version, now=now_ms(),
+                                      signer=load_signing_key(config.signing_key))
             version, policy, superseded = change.version, change.after, change.superseded
         else:
             versions = repo.models.versions(args.name)
@@ -262,6 +263,6 @@ def _policy(args: argparse.Namespace) -> int:
                           **({"superseded_leases": superseded} if superseded >= 0 else {})})
     lines = [f"policy of {args.name} {version}:", *_policy_lines(policy)]
     if superseded >= 0:
-        lines.append(f"{superseded} active lease(s) superseded: those devices get the new policy with their "
-                     "next key release")
+        lines.append(f"{superseded} active lease(s) superseded: trusted devices are offered the model "
+                     "again and get the new policy with their next key release")
     return emit(lines)

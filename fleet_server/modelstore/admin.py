@@ -4,8 +4,9 @@ Each operation is one write transaction. Withdrawing an entitlement revokes the 
 superseded) of the devices that are no longer entitled and queues, in the same transaction, a signed
 ``key-denied`` for each of them in the outbox (a running worker publishes it): the device's
 agent zeroizes the data key of that model on it. Changing a version's policy supersedes its
-active leases, so the devices are offered the model again with their next trusted attestation and
-receive the new policy in a new key release.
+active leases and queues, for every trusted device that held one, a signed ``model-offer`` of that
+version: the agent asks for the key again and receives the new policy in a new key release (a lost
+offer is repeated with the device's next trusted attestation).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from dataclasses import dataclass
 from fleet_server.keys import ResultSigner
 from fleet_server.modelstore.policy import apply_settings, policy_from_text, policy_json
 from fleet_server.modelstore.store import check_name, check_version
-from fleet_server.service.models import DOWN_KEY_DENIED
+from fleet_server.service.models import DOWN_KEY_DENIED, DOWN_MODEL_OFFER
 from fleet_server.storage.model_repo import LeaseRecord
 from fleet_server.storage.model_tables import EntitlementKind, LeaseState
 from fleet_server.storage.repo import Repository
 from protocol import topics
 from protocol.errors import EdgeError
-from protocol.messages import NAME_RE, KeyDenied, ModelPolicy
+from protocol.messages import NAME_RE, KeyDenied, ModelOffer, ModelPolicy, ModelRef
 from protocol.topics import validate_device_id
 
 __all__ = ["ModelAdminError", "PolicyChange", "Withdrawal", "entitle", "revoke_entitlement", "set_policy",
@@ -109,8 +110,10 @@ class PolicyChange:
 
 
 def set_policy(repo: Repository, name: str, settings: Sequence[str], *, now: int, version: str | None = None,
-               actor: str = "admin") -> PolicyChange:
-    """Apply ``key=value`` settings to the policy of ``version`` (default: the newest) of ``name``."""
+               actor: str = "admin", signer: ResultSigner | None = None) -> PolicyChange:
+    """Apply ``key=value`` settings to the policy of ``version`` (default: the newest) of ``name``.
+
+    With ``signer``, the trusted devices whose lease was superseded are sent a new offer at once."""
     with repo.write("changing a model policy") as tx:
         models = tx.models
         model = models.model(check_name(name))
@@ -131,7 +134,16 @@ def set_policy(repo: Repository, name: str, settings: Sequence[str], *, now: int
         superseded = 0
         if after != before:
             models.set_policy(chosen.id, policy_json(after))
-            superseded = len(models.end_leases(
-                state=LeaseState.SUPERSEDED, reason=f"policy changed by {actor}", now=now,
-                model_id=model.id, version=chosen.version))
+            ended = models.end_leases(state=LeaseState.SUPERSEDED, reason=f"policy changed by {actor}",
+                                      now=now, model_id=model.id, version=chosen.version)
+            superseded = len(ended)
+            devices = models.device_trust([lease.device_id for lease in ended])
+            ref = ModelRef(name=name, version=chosen.version, size=chosen.package_size,
+                           package_sha256=chosen.package_sha256)
+            for device_id in sorted({lease.device_id for lease in ended}):
+                state, _, trusted_until = devices.get(device_id, ("", "", None))
+                if signer is None or state != "trusted" or (trusted_until or 0) <= now:
+                    continue  # offered again with its next trusted attestation
+                tx.add_outbox(topics.device_down(device_id, DOWN_MODEL_OFFER),
+                              signer.sign(ModelOffer(models=(ref,)), aud=device_id, ts=now), now)
     return PolicyChange(name, chosen.version, before, after, superseded)

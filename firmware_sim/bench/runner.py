@@ -25,6 +25,7 @@ MODULES: tuple[str, ...] = (
     "appraisal_bench",
     "tpm_bench",
     "model_bench",
+    "unlock_bench",
     "console_bench",
     "fleet_bench",
 )

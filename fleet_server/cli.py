@@ -28,6 +28,11 @@ COMMANDS: dict[str, str] = {
     "device": "device_cmd",
     "policy": "policy_cmd",
     "claim": "claim_cmd",
+    "model": "model_cmd",
+    "console": "console_cmd",
+    "user": "user_cmd",
+    "token": "token_cmd",
+    "audit": "audit_cmd",
 }
 
 

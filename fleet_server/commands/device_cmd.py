@@ -9,7 +9,8 @@
 * ``device preregister EKCERT_FILE [--device-class C] [--note TEXT]`` - a device proving this EK is
   admitted without approval
 
-Messages caused by a command go to the outbox, which running workers publish.
+Messages caused by a command go to the outbox, which running workers publish. Every administrative
+command is written to the audit log (``fleet-server audit list``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server import pki
+from fleet_server.console.audit import record_cli
 from fleet_server.keys import load_signing_key
 from fleet_server.service import admin
 from fleet_server.service.cliutil import (
@@ -34,7 +36,7 @@ from fleet_server.service.cliutil import (
 )
 from fleet_server.service.context import load_trust_bundle_file
 from fleet_server.storage.models import DeviceState
-from fleet_server.storage.repo import DeviceRecord
+from fleet_server.storage.repo import DeviceRecord, Repository
 from protocol.errors import ConfigError
 from protocol.topics import validate_device_id
 
@@ -80,6 +82,13 @@ def register(subparsers: Any) -> None:
     prereg.add_argument("--note", default="", help="free text (e.g. serial number)")
     add_config_argument(prereg)
     prereg.set_defaults(handler=_preregister)
+
+
+def _audit(repo: Repository, action: str, result: admin.StateTransition, **details: object) -> None:
+    """Write the audit entry of a device command (actor ``cli:<login name>``)."""
+    record_cli(repo.engine, action, f"device:{result.device_id}",
+               {"from": result.from_state, "to": result.to_state, "messages": result.messages, **details},
+               now=now_ms())
 
 
 def _device_json(d: DeviceRecord) -> dict[str, Any]:
@@ -166,6 +175,7 @@ def _approve(args: argparse.Namespace) -> int:
     ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
     with repository(config) as repo:
         result = admin.approve_device(repo, device_id, signer=signer, fleet_ca=ca, now=now_ms())
+        _audit(repo, "device.approve", result)
     cert = f", certificate serial {result.cert_serial}" if result.cert_serial else ""
     return emit([f"device {device_id}: {result.from_state} -> {result.to_state}{cert}; "
                  f"{result.messages} message(s) queued for the workers"])
@@ -177,6 +187,7 @@ def _revoke(args: argparse.Namespace) -> int:
     signer = load_signing_key(config.signing_key)
     with repository(config) as repo:
         result = admin.revoke_device(repo, device_id, signer=signer, now=now_ms(), reason=args.reason)
+        _audit(repo, "device.revoke", result, reason=args.reason)
     return emit([f"device {device_id}: {result.from_state} -> {result.to_state}; signed revocation queued"])
 
 
@@ -186,6 +197,7 @@ def _quarantine(args: argparse.Namespace) -> int:
     signer = load_signing_key(config.signing_key)
     with repository(config) as repo:
         result = admin.quarantine_device(repo, device_id, signer=signer, now=now_ms(), reason=args.reason)
+        _audit(repo, "device.quarantine", result, reason=args.reason)
     return emit([f"device {device_id}: {result.from_state} -> {result.to_state}; signed revocation queued"])
 
 
@@ -199,6 +211,9 @@ def _preregister(args: argparse.Namespace) -> int:
     with repository(config) as repo:
         result = admin.preregister_ek(repo, data, now=now_ms(), device_class=args.device_class,
                                       note=args.note, trust_bundle=bundle)
+        record_cli(repo.engine, "device.preregister", f"ek:{result.fingerprint}",
+                   {"subject": result.subject, "created": result.created, "device_class": args.device_class},
+                   now=now_ms())
     what = "pre-registered" if result.created else "already pre-registered"
     check = "chain verified" if result.verified else "chain NOT verified: no trust bundle configured"
     return emit([f"EK {result.fingerprint} ({result.subject}) {what}; {check}"])

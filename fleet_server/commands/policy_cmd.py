@@ -25,6 +25,7 @@ from fleet_server.appraisal.policy import (
     policy_from_eventlog,
 )
 from fleet_server.commands.eventlog_cmd import read_log_file
+from fleet_server.console.audit import record_cli
 from fleet_server.service import admin
 from fleet_server.service.cliutil import (
     add_config_argument,
@@ -116,6 +117,9 @@ def _from_eventlog(args: argparse.Namespace) -> int:
                                   firmware_version=firmware, bank=args.bank, pcrs=_pcr_list(args.pcrs))
     with repository(config) as repo:
         stored = admin.store_policy(repo, policy, now=now_ms(), replace=args.replace)
+        record_cli(repo.engine, "policy.create", f"policy:{stored.name}",
+                   {"id": stored.id, "sha256": stored.sha256, "device_class": policy.device_class,
+                    "firmware_version": policy.firmware_version, "replace": args.replace}, now=now_ms())
     if args.json:
         return emit_json(policy.to_json())
     return emit(_summary(policy, stored.sha256, f"stored policy {policy.name} (id {stored.id}), now active"))

@@ -1,6 +1,7 @@
 """``fleet-server run --config server.toml [--workers N]``: run the workers until SIGTERM/SIGINT.
 
-The database is migrated to the newest schema first. With ``N`` > 1 the workers are separate
+The database is migrated to the newest schema first. With ``[console] enabled = true`` the admin web
+console is served from a thread of this process (waitress). With ``N`` > 1 the workers are separate
 processes (``spawn``) sharing the load through MQTT v5 shared subscriptions; a worker that dies is
 restarted. Logs are structured one-line ``key=value`` records on stderr and in ``server.log_file``
 (tracebacks of unexpected errors only in the file).
@@ -33,4 +34,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers is not None and not 1 <= args.workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
     configure_logging(config.log_level, config.log_file)
-    return run_workers(Path(path), config, workers=args.workers)
+    console = None
+    if config.console.enabled:  # the admin console on a thread of this process (waitress)
+        from fleet_server.console.server import start_console
+
+        console = start_console(config)
+    try:
+        return run_workers(Path(path), config, workers=args.workers)
+    finally:
+        if console is not None:
+            console.stop()

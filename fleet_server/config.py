@@ -68,6 +68,8 @@ Layout (every key optional unless marked; defaults shown)::
     argon2_memory_kib = 65536
     argon2_parallelism = 2
     dashboard_refresh_seconds = 5.0
+    max_upload_mib = 512                  # largest model upload (console and POST /api/v1/models)
+    metrics_token_sha256 = ""             # SHA-256 (hex) of a scrape-only bearer token for /metrics
 
     [models]                              # model protection (docs/model-protection.md)
     store_dir = "models"                  # encrypted packages: <store_dir>/<name>/<version>.pkg
@@ -227,6 +229,15 @@ class ConsoleSettings:
     argon2_memory_kib: int = 65536
     argon2_parallelism: int = 2
     dashboard_refresh_seconds: float = 5.0
+    max_upload_mib: int = 512
+    """Largest model file accepted by an upload (console form and ``POST /api/v1/models``)."""
+    metrics_token_sha256: str = ""
+    """SHA-256 (lowercase hex) of a bearer token that may read ``/metrics`` and nothing else; empty:
+    only principals with ``fleet:view`` may."""
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mib << 20
 
     @property
     def session_idle_ms(self) -> int:
@@ -494,6 +505,15 @@ def _alerts(at: _Table) -> AlertSettings:
     return settings
 
 
+def _sha256_hex(value: Any, where: str) -> str:
+    """An optional SHA-256 in lowercase hex (empty or absent: none)."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or len(value) != 64 or any(ch not in "0123456789abcdef" for ch in value):
+        raise ConfigError(f"{where}: expected 64 lowercase hex digits (the SHA-256 of the token)")
+    return value
+
+
 def _console(ct: _Table) -> ConsoleSettings:
     settings = ConsoleSettings(
         enabled=ct.flag("enabled", False),
@@ -513,6 +533,8 @@ def _console(ct: _Table) -> ConsoleSettings:
         argon2_memory_kib=ct.integer("argon2_memory_kib", 65536, lo=8, hi=4 * 1024 * 1024),
         argon2_parallelism=ct.integer("argon2_parallelism", 2, lo=1, hi=64),
         dashboard_refresh_seconds=ct.number("dashboard_refresh_seconds", 5.0, lo=1.0, hi=3600.0),
+        max_upload_mib=ct.integer("max_upload_mib", 512, lo=1, hi=16384),
+        metrics_token_sha256=_sha256_hex(ct.raw("metrics_token_sha256"), "console.metrics_token_sha256"),
     )
     ct.done()
     if settings.argon2_memory_kib < 8 * settings.argon2_parallelism:

@@ -1,6 +1,7 @@
 """Roles and rights: the matrix as the issue states it, every route's declared right, and a walk of
 every role (browser session and API token) and an anonymous visitor against every route and method of
-the application's URL map, expecting allow or deny.
+the application's URL map - console pages, model actions, /metrics and every /api/v1 operation -
+expecting allow or deny.
 
 New routes (the JSON API under /api/v1 included) are picked up from the URL map: a route without a
 declaration fails :func:`test_every_route_declares_what_it_requires`, and the walk checks it against the
@@ -34,6 +35,8 @@ from fleet_server.service import admin
 from fleet_server.service.common import ManualClock
 
 pytest.register_assert_rewrite("console_fixtures")
+pytest.register_assert_rewrite("browser_fixtures")
+from browser_fixtures import publish_test_model  # noqa: E402
 from console_fixtures import SoftDevice, csrf_of, golden_policy, login  # noqa: E402
 
 pytest_plugins = ("console_fixtures",)
@@ -71,6 +74,13 @@ CONSOLE_ROUTES: dict[str, Declared] = {
     "policies.new": Right.EDIT_POLICIES,
     "policies.create": Right.EDIT_POLICIES,
     "models.index": Right.MODEL_READ,
+    "models.detail": Right.MODEL_READ,
+    "models.publish": Right.MODEL_WRITE,
+    "models.set_policy": Right.MODEL_WRITE,
+    "models.entitle": Right.MODEL_DEPLOY,
+    "models.withdraw": Right.MODEL_DEPLOY,
+    "models.retire_one": Right.MODEL_DELETE,
+    "models.retire_all": Right.MODEL_DELETE,
     "alerts.index": Right.VIEW_FLEET,
     "alerts.acknowledge": Right.MANAGE_ALERTS,
     "alerts.resolve": Right.MANAGE_ALERTS,
@@ -85,13 +95,50 @@ CONSOLE_ROUTES: dict[str, Declared] = {
     "users.revoke_token": Right.MANAGE_USERS,
     "auditlog.index": Right.VIEW_AUDIT,
     "auditlog.verify": Right.VIEW_AUDIT,
+    "metrics.metrics": Right.VIEW_FLEET,
+}
+
+# The JSON API (/api/v1): the same matrix, operation by operation.
+API_ROUTES: dict[str, Declared] = {
+    "api.openapi": PUBLIC,
+    "api.whoami": AUTHENTICATED,
+    "api.list_devices": Right.VIEW_FLEET,
+    "api.get_device": Right.VIEW_FLEET,
+    "api.device_attestations": Right.VIEW_FLEET,
+    "api.device_history": Right.VIEW_FLEET,
+    "api.device_eventlog": Right.VIEW_FLEET,
+    "api.approve_device": Right.APPROVE,
+    "api.revoke_device": Right.REVOKE,
+    "api.quarantine_device": Right.QUARANTINE,
+    "api.reattest": Right.REATTEST,
+    "api.list_attestations": Right.VIEW_FLEET,
+    "api.list_policies": Right.VIEW_FLEET,
+    "api.get_policy": Right.VIEW_FLEET,
+    "api.create_policy": Right.EDIT_POLICIES,
+    "api.list_models": Right.MODEL_READ,
+    "api.get_model": Right.MODEL_READ,
+    "api.get_version": Right.MODEL_READ,
+    "api.publish_model": Right.MODEL_WRITE,
+    "api.update_policy": Right.MODEL_WRITE,
+    "api.retire_version": Right.MODEL_DELETE,
+    "api.retire_model": Right.MODEL_DELETE,
+    "api.entitle": Right.MODEL_DEPLOY,
+    "api.withdraw": Right.MODEL_DEPLOY,
+    "api.list_alerts": Right.VIEW_FLEET,
+    "api.get_alert": Right.VIEW_FLEET,
+    "api.acknowledge_alert": Right.MANAGE_ALERTS,
+    "api.resolve_alert": Right.MANAGE_ALERTS,
+    "api.list_audit": Right.VIEW_AUDIT,
+    "api.verify_audit": Right.VIEW_AUDIT,
 }
 
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 # URL parameter values: GET requests name things that exist (filled in by the fixture); state-changing
 # requests name things that do not, so the walk changes nothing (an allowed request then gets 404).
-GET_SAMPLES: dict[str, Any] = {"filename": "console.css"}
-UNSAFE_SAMPLES: dict[str, Any] = {"device_id": "no-such-device"}
+GET_SAMPLES: dict[str, Any] = {"filename": "console.css", "name": "classifier", "version": "1.0.0",
+                               "kind": "class", "subject": "edge-camera"}
+UNSAFE_SAMPLES: dict[str, Any] = {"device_id": "no-such-device", "name": "no-such-model", "version": "9.9.9",
+                                  "kind": "device", "subject": "no-such-device"}
 
 
 def test_matrix_is_the_issues_matrix() -> None:
@@ -103,8 +150,10 @@ def test_every_route_declares_what_it_requires(app: Flask) -> None:
     undeclared = sorted(e for e, view in app.view_functions.items() if required_of(view) is None)
     assert undeclared == [], f"routes without a declared right: {undeclared}"
     declared = {e: required_of(v) for e, v in app.view_functions.items()}
-    for endpoint, requirement in CONSOLE_ROUTES.items():
+    for endpoint, requirement in {**CONSOLE_ROUTES, **API_ROUTES}.items():
         assert declared.get(endpoint) == requirement, endpoint
+    api = {e for e in declared if e.startswith("api.")}
+    assert api == set(API_ROUTES), "every API route is pinned here (and nothing else)"
 
 
 def test_an_undeclared_route_is_refused(app: Flask, users: dict[str, int]) -> None:
@@ -140,6 +189,7 @@ def samples(svc: ConsoleServices, users: dict[str, int], console_clock: ManualCl
     stored = admin.store_policy(svc.repo, golden_policy(), now=console_clock.now_ms())
     from fleet_server.storage import alerting
 
+    publish_test_model(svc)
     with svc.repo.write("test alert") as tx:
         alerting.raise_alerts(tx.conn, [alerting.NewAlert("unreachable", "warning", "m", "k", "cam-1")],
                               console_clock.now_ms())
@@ -193,7 +243,7 @@ def test_every_role_against_every_route(app: Flask, svc: ConsoleServices, sample
         assert response.status_code < 500, where
         assert _access_refusal(response) == (None if _allowed(requirement, role) else "denied"), where
         checked += 1
-    assert checked >= len(CONSOLE_ROUTES)
+    assert checked >= len(CONSOLE_ROUTES) + len(API_ROUTES)
 
 
 def test_anonymous_against_every_route(app: Flask, samples: dict[str, Any]) -> None:
@@ -207,4 +257,5 @@ def test_anonymous_against_every_route(app: Flask, samples: dict[str, Any]) -> N
         expected = None if requirement == PUBLIC else "unauthenticated"
         assert _access_refusal(response) == expected, where
         if expected and method not in UNSAFE:
-            assert response.status_code == 302, where  # a browser is sent to the login page
+            # A browser is sent to the login page; an API client is told 401 (JSON).
+            assert response.status_code == (401 if rule.rule.startswith("/api/") else 302), where

@@ -12,19 +12,22 @@ Modules: :mod:`~fleet_server.console.rbac` (roles, rights, the matrix, route dec
 :mod:`~fleet_server.console.auth` (principal, login/logout), :mod:`~fleet_server.console.security`
 (CSRF, headers, errors), :mod:`~fleet_server.console.audit` (hash-chained audit log),
 :mod:`~fleet_server.console.queries` (read model), :mod:`~fleet_server.console.bootlog` (event log
-against reference values), and the blueprints ``dashboard``, ``devices``, ``policies``, ``models``,
-``alerts``, ``users``, ``auditlog``.
+against reference values), and the blueprints ``dashboard``, ``devices``, ``policies``, ``models``
+(pages and the model actions), ``alerts``, ``users``, ``auditlog``, ``api`` (the JSON API under
+``/api/v1``, described by :mod:`~fleet_server.console.openapi`) and ``metrics`` (``/metrics``).
 
 Flask is imported only when an application is built, so that the CLI's audit helpers
 (:mod:`fleet_server.console.audit`) and accounts work without loading the web stack.
 
-Adding routes (the JSON API under ``/api/v1``, ``/metrics``): write a blueprint, register it in
+Adding routes: write a blueprint (or a view in one), register it in
 :func:`fleet_server.console.app.build_app`, and declare every view's requirement with
 :func:`~fleet_server.console.rbac.require` (a :class:`~fleet_server.console.rbac.Right`),
 :func:`~fleet_server.console.rbac.login_required` or :func:`~fleet_server.console.rbac.public`; an
 undeclared view is refused with 403 and fails ``tests/test_console_rbac.py``, whose walk checks every
-new route for every role. Inside a view, :func:`fleet_server.console.auth.current_principal` is the
-caller (a user from the session cookie, or an API token from ``Authorization: Bearer``),
+new route for every role. An ``/api/v1`` route also needs its operation in
+:data:`fleet_server.console.openapi.OPERATIONS` (``tests/test_console_api.py`` compares them).
+Inside a view, :func:`fleet_server.console.auth.current_principal` is the caller (a user from the
+session cookie, or an API token from ``Authorization: Bearer``),
 ``services().record(principal, action, target, details)`` writes the audit entry, and
 :func:`fleet_server.console.security.error_response` gives the JSON error for ``/api/`` paths and
 bearer requests. Bearer requests need no CSRF token; browser JavaScript calling the API with the

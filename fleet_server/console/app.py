@@ -15,10 +15,12 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from fleet_server.config import ServerConfig, find_config, load_config
 from fleet_server.console import (
     alerts,
+    api,
     auditlog,
     auth,
     dashboard,
     devices,
+    metrics,
     models,
     policies,
     security,
@@ -118,6 +120,8 @@ def build_app(config: ServerConfig | str | Path | None = None, *, clock: Callabl
     app.register_blueprint(alerts.bp, url_prefix="/alerts")
     app.register_blueprint(users.bp, url_prefix="/users")
     app.register_blueprint(auditlog.bp, url_prefix="/audit")
+    app.register_blueprint(api.bp, url_prefix=api.PREFIX)
+    app.register_blueprint(metrics.bp)
 
     static_view = app.view_functions["static"]
 

@@ -189,6 +189,25 @@ class AlertRow:
 
 
 @dataclass(frozen=True, slots=True)
+class AttestationRow:
+    """One stored appraisal result (``attestation`` row) with its id (the API pages by it)."""
+
+    id: int
+    device_id: str
+    challenge_id: str
+    issued_at: int
+    received_at: int
+    stored_at: int
+    latency_ms: int
+    verdict: str
+    reasons: tuple[str, ...]
+    evidence_sha256: bytes
+    policy_id: int | None
+    reset_count: int | None
+    restart_count: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class RevocationRow:
     device_id: str
     at: int
@@ -495,6 +514,33 @@ class ConsoleQueries:
         with self._read("reading a device") as conn:
             row = conn.execute(select(d.ek_cert, d.ak_public, d.ak_name).where(d.id == device_id)).first()
         return None if row is None else (bytes(row[0]), bytes(row[1]), bytes(row[2]))
+
+    def attestations(self, *, device_id: str = "", verdict: str = "", since: int | None = None,
+                     until: int | None = None, before_id: int | None = None, limit: int = 50
+                     ) -> list[AttestationRow]:
+        """Stored results newest first (by id; ``before_id`` pages on), filtered by device, verdict and
+        storage time (``since`` <= stored_at < ``until``)."""
+        a = _ATTESTATION.c
+        stmt = (select(a.id, a.device_id, a.challenge_id, a.issued_at, a.received_at, a.stored_at,
+                       a.latency_ms, a.verdict, a.reasons, a.evidence_sha256, a.policy_id, a.reset_count,
+                       a.restart_count)
+                .order_by(a.id.desc()).limit(max(1, min(limit, MAX_PAGE))))
+        if device_id:
+            stmt = stmt.where(a.device_id == device_id)
+        if verdict:
+            stmt = stmt.where(a.verdict == verdict)
+        if since is not None:
+            stmt = stmt.where(a.stored_at >= since)
+        if until is not None:
+            stmt = stmt.where(a.stored_at < until)
+        if before_id is not None:
+            stmt = stmt.where(a.id < before_id)
+        with self._read("reading attestations") as conn:
+            rows = conn.execute(stmt).all()
+        return [AttestationRow(int(r.id), r.device_id, r.challenge_id, int(r.issued_at), int(r.received_at),
+                               int(r.stored_at), int(r.latency_ms), r.verdict, _reasons(r.reasons),
+                               bytes(r.evidence_sha256), r.policy_id, r.reset_count, r.restart_count)
+                for r in rows]
 
     # -- dashboard ---------------------------------------------------------------------------------
     def states(self) -> dict[str, int]:

@@ -22,7 +22,7 @@ from fleet_server.storage import alerting, model_tables, models
 from fleet_server.storage.repo import NewAttestation
 
 pytest.register_assert_rewrite("console_fixtures")
-from console_fixtures import SoftDevice, golden_policy, login  # noqa: E402
+from console_fixtures import SoftDevice, csrf_of, golden_policy, login  # noqa: E402
 
 pytest_plugins = ("console_fixtures",)
 
@@ -324,3 +324,14 @@ def test_no_secret_columns_on_the_models_page(client: FlaskClient, users: dict[s
         assert not {"encrypted_data_key", "data_key_nonce", "manifest", "key_name"} & set(section.columns)
     login(client, "admin")
     assert b"data_key" not in client.get("/models/").data
+
+
+@pytest.mark.parametrize("path", ["/policies/99999999999999999999999", "/alerts/99999999999999999999/resolve",
+                                  "/users/99999999999999999999/disable"])
+def test_ids_beyond_the_database_range_are_not_found(client: FlaskClient, users: dict[str, int],
+                                                     path: str) -> None:
+    login(client, "admin")
+    token = csrf_of(client.get("/").data)
+    response = (client.get(path) if path.startswith("/policies")
+                else client.post(path, data={"csrf_token": token}))
+    assert response.status_code == 404, response.status_code

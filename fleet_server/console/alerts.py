@@ -65,13 +65,13 @@ def _step(alert_id: int, action: str) -> BaseResponse:
     return redirect(url_for("alerts.index", status=request.form.get("status", "active")), code=303)
 
 
-@bp.post("/<int:alert_id>/acknowledge")
+@bp.post("/<int(max=9223372036854775807):alert_id>/acknowledge")
 @require(Right.MANAGE_ALERTS)
 def acknowledge(alert_id: int) -> BaseResponse:
     return _step(alert_id, "acknowledge")
 
 
-@bp.post("/<int:alert_id>/resolve")
+@bp.post("/<int(max=9223372036854775807):alert_id>/resolve")
 @require(Right.MANAGE_ALERTS)
 def resolve(alert_id: int) -> BaseResponse:
     return _step(alert_id, "resolve")

@@ -47,7 +47,7 @@ def index() -> str:
                            done=request.args.get("done"))
 
 
-@bp.get("/<int:policy_id>")
+@bp.get("/<int(max=9223372036854775807):policy_id>")
 @require(Right.VIEW_FLEET)
 def detail(policy_id: int) -> str:
     record = services().repo.policy(policy_id=policy_id)

@@ -63,7 +63,7 @@ def _user_or_404(user_id: int) -> None:
         abort(404)
 
 
-@bp.post("/<int:user_id>/role")
+@bp.post("/<int(max=9223372036854775807):user_id>/role")
 @require(Right.MANAGE_USERS)
 def set_role(user_id: int) -> BaseResponse | tuple[str, int]:
     svc, principal = services(), _principal()
@@ -76,7 +76,7 @@ def set_role(user_id: int) -> BaseResponse | tuple[str, int]:
     return redirect(url_for("users.index", done="role"), code=303)
 
 
-@bp.post("/<int:user_id>/disable")
+@bp.post("/<int(max=9223372036854775807):user_id>/disable")
 @require(Right.MANAGE_USERS)
 def disable(user_id: int) -> BaseResponse | tuple[str, int]:
     svc, principal = services(), _principal()
@@ -91,7 +91,7 @@ def disable(user_id: int) -> BaseResponse | tuple[str, int]:
     return redirect(url_for("users.index", done="disabled"), code=303)
 
 
-@bp.post("/<int:user_id>/enable")
+@bp.post("/<int(max=9223372036854775807):user_id>/enable")
 @require(Right.MANAGE_USERS)
 def enable(user_id: int) -> BaseResponse | tuple[str, int]:
     svc, principal = services(), _principal()
@@ -101,7 +101,7 @@ def enable(user_id: int) -> BaseResponse | tuple[str, int]:
     return redirect(url_for("users.index", done="enabled"), code=303)
 
 
-@bp.post("/<int:user_id>/reset-password")
+@bp.post("/<int(max=9223372036854775807):user_id>/reset-password")
 @require(Right.MANAGE_USERS)
 def reset_password(user_id: int) -> tuple[str, int]:
     svc, principal = services(), _principal()
@@ -112,7 +112,7 @@ def reset_password(user_id: int) -> tuple[str, int]:
     return _page(secret=("password", user.name, password))
 
 
-@bp.post("/<int:user_id>/unlock")
+@bp.post("/<int(max=9223372036854775807):user_id>/unlock")
 @require(Right.MANAGE_USERS)
 def unlock(user_id: int) -> BaseResponse:
     svc, principal = services(), _principal()
@@ -148,7 +148,7 @@ def create_token() -> tuple[str, int]:
     return _page(secret=("token", record.name, secret))
 
 
-@bp.post("/tokens/<int:token_id>/revoke")
+@bp.post("/tokens/<int(max=9223372036854775807):token_id>/revoke")
 @require(Right.MANAGE_USERS)
 def revoke_token(token_id: int) -> BaseResponse | tuple[str, int]:
     svc, principal = services(), _principal()

@@ -45,6 +45,7 @@ PROG = "firmware-sim"
 COMMANDS: dict[str, str] = {
     "device": "firmware_sim.cli:register_device",
     "profiles": "firmware_sim.cli:register_profiles",
+    "fleet": "firmware_sim.fleet_cli:register",
 }
 
 #: Environment variable naming the manufacturer CA folder used by ``device create``.

@@ -47,8 +47,10 @@ never payloads or key material.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -67,6 +69,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from protocol.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
+
+NETWORK_WAIT = 1.0
+"""Longest the network thread sleeps in ``select()`` when nothing happens.  Traffic, publishes and
+acknowledgements from other threads (paho writes to its wake-up socket pair) and :meth:`MqttClient.stop`
+end the wait at once, so this only bounds idle wake-ups (keepalive is checked at least this often)."""
 
 MAX_MID_WINDOW = 65535 // 2
 """Upper bound for windows and queues: MQTT packet ids are 16-bit and must not wrap while in use."""
@@ -194,20 +201,24 @@ class PublishHandle:
     timeout passed.
     """
 
-    __slots__ = ("_error", "_event", "_reason", "mid", "qos", "topic")
+    __slots__ = ("_done", "_error", "_event", "_reason", "mid", "qos", "topic")
 
     def __init__(self, mid: int, qos: int, topic: str) -> None:
         self.mid = mid
         self.qos = qos
         self.topic = topic
-        self._event = threading.Event()
+        # The Event is made only if someone waits: a worker publishes hundreds of QoS 0 replies a
+        # second and never waits on them, and an Event (a Condition and two locks) costs more than
+        # the rest of the handle.
+        self._done = False
+        self._event: threading.Event | None = None
         self._reason: int | None = None
         self._error: str | None = None
 
     @property
     def done(self) -> bool:
         """True once the outcome is known (acknowledged, refused, or lost)."""
-        return self._event.is_set()
+        return self._done
 
     @property
     def reason_code(self) -> int | None:
@@ -221,20 +232,43 @@ class PublishHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the outcome; raise :class:`TransportError` unless the broker accepted it."""
-        if not self._event.wait(timeout):
-            raise TransportError(f"no acknowledgement for the message to {self.topic} within {timeout}s")
+        if not self._done:
+            with _HANDLE_LOCK:
+                if self._event is None:
+                    self._event = threading.Event()
+                event = self._event
+            # _resolve sets _done and reads _event under the same lock: either it saw this Event
+            # (and sets it) or _done is already true here.
+            if not self._done and not event.wait(timeout):
+                raise TransportError(f"no acknowledgement for the message to {self.topic} within {timeout}s")
         if self._error is not None:
             raise TransportError(self._error)
 
     def _resolve(self, reason: int | None, error: str | None) -> None:
-        if self._event.is_set():
-            return
-        self._reason, self._error = reason, error
-        self._event.set()
+        with _HANDLE_LOCK:
+            if self._done:
+                return
+            self._reason, self._error = reason, error
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+
+_HANDLE_LOCK = threading.Lock()
+"""Guards the lazy Event of every :class:`PublishHandle` (held for a few instructions only)."""
 
 
 def _noop_register_write(client: paho.Client, userdata: Any, sock: Any) -> None:
     """Presence of this hook stops paho from writing to the socket from publishers' threads."""
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Turn Nagle's algorithm off on a new connection (paho leaves it on).  MQTT packets are small
+    and a client often writes two in a row (a PUBACK then a PUBLISH, a PUBLISH split by TLS): with
+    Nagle the second waits for the broker's delayed ACK, about 40 ms per exchange on Linux."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _describe(exc: BaseException) -> str:
@@ -305,6 +339,7 @@ class MqttClient:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_socket_register_write = _noop_register_write
+        self._client.on_socket_open = _no_delay
         connect_props = Properties(PacketTypes.CONNECT)
         connect_props.ReceiveMaximum = queue_size  # MQTT 5.0 section 3.1.2.11.3: inbound flow control
         connect_props.SessionExpiryInterval = 0
@@ -355,6 +390,7 @@ class MqttClient:
         self._stopping.set()
         with self._queue_cond:
             self._queue_cond.notify_all()  # a network thread blocked on a full queue gives up
+        self._wake_network_thread()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -606,7 +642,7 @@ class MqttClient:
             if self._stopping.is_set() and disconnect_deadline is None:
                 self._client.disconnect()
                 disconnect_deadline = time.monotonic() + 2.0
-            rc = self._client.loop(timeout=0.1)
+            rc = self._client.loop(timeout=NETWORK_WAIT)
             if rc != paho.MQTT_ERR_SUCCESS:
                 return
             if disconnect_deadline is not None and time.monotonic() > disconnect_deadline:
@@ -614,6 +650,14 @@ class MqttClient:
                 if sock is not None:
                     sock.close()  # the broker did not take our DISCONNECT: drop the connection
                 return
+
+    def _wake_network_thread(self) -> None:
+        """End the network thread's ``select()`` now, the way paho's own publish() does: one byte on
+        its wake-up socket pair (absent between connections; then the thread is not in select)."""
+        pair = getattr(self._client, "_sockpairW", None)
+        if pair is not None:
+            with contextlib.suppress(OSError):  # closed by the network thread meanwhile: it is awake
+                pair.send(b"0")
 
     def _note_failure(self, reason: str) -> None:
         self._counters.connect_failures += 1

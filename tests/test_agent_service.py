@@ -56,6 +56,9 @@ def test_enrolls_when_preregistered_then_attests_trusted(config_path: Path, flee
                                                          make_agent: AgentFactory) -> None:
     agent = make_agent(config_path)
     trusted(agent)
+    # The worker counts its evidence once it wakes from the broker's PUBACK; the result (which
+    # arrives right after the PUBACK) may be applied by the main thread first.
+    wait_status(agent, lambda s: s.counters.get("challenges_answered") == 1, "the answer counted")
     status = agent.status()
     assert status.enrolled and status.connected and status.phase == "running"
     assert status.last_request_reason == "boot"

@@ -785,6 +785,13 @@ class Processor:
             self._refuse_enrollment(item, proof.request_id, "enroll_session_unknown",
                                     f"no enrollment request {proof.request_id} of this device", fx)
             return
+        if session.status == "superseded":
+            # The device sent a newer enroll.request (it does on every reconnect, and after
+            # enroll_retry); that session's challenge is on its way and will be proved. A final
+            # "rejected" for this stale proof would stop an agent that is merely a step behind.
+            fx.reject(item, Rejected("enroll_session_superseded",
+                                     f"enrollment request {proof.request_id} was superseded by a newer one"))
+            return
         if session.status != "open":
             self._refuse_enrollment(item, proof.request_id, "enroll_session_used",
                                     f"enrollment request {proof.request_id} is {session.status}", fx)

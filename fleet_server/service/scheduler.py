@@ -11,7 +11,9 @@ Every worker runs :meth:`Scheduler.run_once` once per ``attestation.scheduler_ti
    ``FOR UPDATE SKIP LOCKED``), so a device is claimed by exactly one worker. Each claimed device
    gets its next time (now + interval +- jitter) in the same transaction, and a challenge (fresh
    32-byte nonce, the policy's PCR selection, deadline) that supersedes any open challenge of the
-   device; the challenges are published after the commit.
+   device; the challenges are published after the commit. With an interval shorter than the
+   challenge timeout, a device whose open challenge is still fresh keeps it and is only rescheduled
+   (:meth:`Scheduler._answering`), so that overload levels the rate off instead of collapsing it.
 3. **Expire** open challenges whose deadline passed more than :data:`EXPIRY_GRACE_MS` ago (evidence
    received before the deadline may still be in a worker's batch), count one miss per expired
    challenge, and move devices that reached ``missed_challenges_limit`` consecutive misses to
@@ -30,7 +32,7 @@ from fleet_server.service.context import ServiceContext
 from fleet_server.service.policies import PolicyResolver
 from fleet_server.service.processor import DOWN_CHALLENGE, challenge_message
 from fleet_server.storage.models import DeviceState
-from fleet_server.storage.repo import NewChallenge, Repository, selection_json
+from fleet_server.storage.repo import NewChallenge, Repository, Tx, selection_json
 from protocol import topics
 from protocol.messages import new_message_id
 
@@ -90,8 +92,12 @@ class Scheduler:
                                  for device_id in overdue])
                 spread = len(overdue)
             due = tx.claim_due_devices(now, settings.claim_batch)
+            answering = self._answering(tx, [d.id for d in due], now)
             schedule: list[tuple[str, int, int | None]] = []
             for device in due:
+                if device.id in answering:
+                    schedule.append((device.id, self.ctx.next_attestation_at(now), None))
+                    continue
                 pair = (device.device_class, device.firmware_version)
                 if pair not in selections:
                     chosen = self.policies.selection(*pair)
@@ -116,11 +122,30 @@ class Scheduler:
                     for c, sel in new]
         if new:
             self.counters.add("challenges.periodic", len(new))
+        if answering:
+            self.counters.add("schedule.deferred", len(answering))
         if spread:
             self.counters.add("schedule.spread", spread)
             log_event(log, logging.INFO, "schedule_spread", devices=spread,
                       over_ms=settings.interval_ms)
         return len(new), spread, outgoing
+
+    def _answering(self, tx: Tx, device_ids: list[str], now: int) -> set[str]:
+        """Due devices whose open challenge is still fresh (more than half its time to answer left,
+        the rule ``attest.request`` uses to re-send rather than replace a challenge).
+
+        Replacing such a challenge would supersede it while the device is answering it: the work is
+        wasted, and when the attestation latency nears the interval every attestation is, so the
+        rate collapses instead of levelling off. Such a device keeps its challenge and is due again
+        one interval later; a challenge not answered within half its timeout is replaced as before.
+        Only an interval shorter than the challenge timeout can meet a fresh challenge here (the
+        check, one query, is skipped otherwise)."""
+        settings = self.ctx.settings
+        if not device_ids or settings.interval_ms >= settings.challenge_timeout_ms:
+            return set()
+        half = settings.challenge_timeout_ms // 2
+        return {c.device_id for c in tx.hello_contexts(device_ids).values()
+                if (open_ := c.open_challenge) is not None and open_.deadline - now >= half}
 
     # -- missed challenges -------------------------------------------------------------------------
     def _expire(self, now: int) -> tuple[int, list[str]]:

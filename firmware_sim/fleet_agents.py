@@ -1,0 +1,269 @@
+"""Agent host processes of the fleet harness: many :class:`agent.service.Agent` instances per process.
+
+A simulated fleet of hundreds of devices cannot afford one Python process per agent on a small
+machine, and one process for all of them would make the GIL the bottleneck.  The harness therefore
+spawns a few *agent hosts* (``multiprocessing`` ``spawn`` context, so nothing of the harness's
+state is inherited) and gives each a share of the devices.  An agent in a host is exactly the
+agent a device runs (``Agent(load_config(agent.toml))``); only the process is shared.
+
+The harness talks to a host over a ``multiprocessing`` pipe with small request/reply commands
+(:class:`AgentHost` is the harness side, :func:`host_main` the process side):
+
+=========================  ==========================================================================
+command                    effect and reply
+=========================  ==========================================================================
+``start [(id, toml)]``     load each configuration and start its agent (an id already running is
+                           stopped first); reply ``None``
+``stop [id] | None``       stop those agents (all with ``None``), in parallel; reply ``None``
+``status``                 ``{id: AgentSnapshot-as-dict}`` of every agent of the host
+``exit``                   stop every agent and end the process
+=========================  ==========================================================================
+
+Replies are ``(True, value)`` or ``(False, one-line error)``; an error never kills the host.  The
+host ignores SIGINT (the harness decides when agents stop; a Ctrl-C in the terminal reaches the
+whole foreground process group) and ends when its pipe closes, so it cannot outlive the harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import EdgeError, ProcessError
+
+#: Seconds the harness waits for a host's reply before declaring it dead.
+REPLY_TIMEOUT = 120.0
+#: Seconds an agent may take to stop (its MQTT DISCONNECT, its worker thread, its TPM adapter).
+AGENT_STOP_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSnapshot:
+    """What the harness needs to know about one running agent (a subset of ``AgentStatus``)."""
+
+    device_id: str
+    phase: str
+    verdict: str
+    trusted: bool
+    connected: bool
+    reasons: tuple[str, ...]
+    error: str | None
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def messages(self) -> int:
+        """MQTT messages this agent exchanged with the server (both directions) so far."""
+        c = self.counters
+        return sum(c.get(k, 0) for k in ("attest_requests_sent", "challenges_received", "challenges_answered",
+                                         "results_received", "revocations_received", "messages_rejected"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["reasons"] = list(self.reasons)
+        out["counters"] = dict(self.counters)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentSnapshot:
+        return cls(device_id=str(data["device_id"]), phase=str(data["phase"]), verdict=str(data["verdict"]),
+                   trusted=bool(data["trusted"]), connected=bool(data["connected"]),
+                   reasons=tuple(data["reasons"]), error=data["error"], counters=dict(data["counters"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# the host process
+# --------------------------------------------------------------------------------------------------
+class _Host:
+    """The agents of one host process, keyed by device id."""
+
+    def __init__(self) -> None:
+        from agent.service import Agent
+
+        self._agent_type = Agent
+        self.agents: dict[str, Agent] = {}
+        self._log = logging.getLogger("agent")
+
+    def start(self, entries: Sequence[tuple[str, str]]) -> None:
+        from agent.config import load_config
+
+        self.stop([device_id for device_id, _ in entries if device_id in self.agents])
+        for device_id, config_path in entries:
+            config = load_config(Path(config_path))
+            agent = self._agent_type(config, logger=self._log)
+            agent.start()
+            self.agents[device_id] = agent
+
+    def stop(self, device_ids: Iterable[str] | None) -> None:
+        ids = list(self.agents) if device_ids is None else [d for d in device_ids if d in self.agents]
+        if not ids:
+            return
+        chosen = [self.agents.pop(d) for d in ids]
+        # Agents stop in parallel: each waits for its threads (poll intervals of a few hundred ms),
+        # so stopping hundreds one after the other would take minutes.
+        with ThreadPoolExecutor(max_workers=min(64, len(chosen))) as pool:
+            list(pool.map(lambda a: a.stop(AGENT_STOP_TIMEOUT), chosen))
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for device_id, agent in self.agents.items():
+            s = agent.status()
+            out[device_id] = AgentSnapshot(device_id=device_id, phase=s.phase, verdict=s.verdict,
+                                           trusted=s.trusted, connected=s.connected,
+                                           reasons=tuple(s.verdict_reasons), error=s.error,
+                                           counters=dict(s.counters)).to_dict()
+        return out
+
+
+def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_level: str) -> None:
+    """Entry point of an agent host process (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from agent.log import configure_logging
+
+    stream = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
+    configure_logging(log_level, "kv", stream)
+    host = _Host()
+    try:
+        while True:
+            try:
+                command, arg = conn.recv()
+            except (EOFError, OSError):  # the harness is gone: stop everything and leave
+                break
+            try:
+                if command == "start":
+                    host.start(arg)
+                    reply: Any = None
+                elif command == "stop":
+                    host.stop(arg)
+                    reply = None
+                elif command == "status":
+                    reply = host.status()
+                elif command == "exit":
+                    host.stop(None)
+                    conn.send((True, None))
+                    break
+                else:
+                    raise ProcessError(f"unknown agent host command {command!r}")
+            except EdgeError as exc:
+                conn.send((False, exc.diagnostics()))
+                continue
+            except Exception as exc:  # never let one bad command end the host
+                conn.send((False, f"{type(exc).__name__}: {exc}"))
+                continue
+            conn.send((True, reply))
+    finally:
+        host.stop(None)
+        with contextlib.suppress(OSError):
+            conn.close()
+        stream.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# the harness side
+# --------------------------------------------------------------------------------------------------
+class AgentHost:
+    """One agent host process, seen from the harness.  Thread-safe (one command at a time)."""
+
+    def __init__(self, index: int, log_path: Path, log_level: str = "warning") -> None:
+        self.index = index
+        self.log_path = Path(log_path)
+        self.log_level = log_level
+        self.device_ids: list[str] = []
+        self._ctx = multiprocessing.get_context("spawn")
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def launch(self) -> None:
+        """Start the process (returns at once; the first command waits for it to be ready)."""
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=host_main, args=(child, str(self.log_path), self.log_level),
+                                 name=f"fleet-agents-{self.index}", daemon=True)
+        proc.start()
+        child.close()
+        self._conn, self._proc = parent, proc
+
+    def call(self, command: str, arg: Any = None, *, timeout: float = REPLY_TIMEOUT) -> Any:
+        """Send one command and return its reply; :class:`ProcessError` on failure or timeout."""
+        with self._lock:
+            conn = self._conn
+            if conn is None or not self.alive:
+                raise ProcessError(f"agent host {self.index} is not running (see {self.log_path})")
+            try:
+                conn.send((command, arg))
+                if not conn.poll(timeout):
+                    raise ProcessError(f"agent host {self.index} did not answer {command!r} within "
+                                       f"{timeout:.0f}s")
+                ok, value = conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                raise ProcessError(f"agent host {self.index} exited (see {self.log_path})") from None
+        if not ok:
+            raise ProcessError(f"agent host {self.index}: {value}")
+        return value
+
+    def start_agents(self, entries: Sequence[tuple[str, Path]]) -> None:
+        self.call("start", [(device_id, str(path)) for device_id, path in entries])
+
+    def stop_agents(self, device_ids: Sequence[str] | None = None) -> None:
+        self.call("stop", None if device_ids is None else list(device_ids))
+
+    def status(self) -> dict[str, AgentSnapshot]:
+        raw = self.call("status")
+        return {device_id: AgentSnapshot.from_dict(data) for device_id, data in raw.items()}
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop every agent and end the process (killing it if it does not end in time)."""
+        proc, conn = self._proc, self._conn
+        if proc is None:
+            return
+        if proc.is_alive() and conn is not None:
+            with contextlib.suppress(ProcessError):
+                self.call("exit", timeout=timeout)
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        if conn is not None:
+            conn.close()
+        self._proc, self._conn = None, None
+        with contextlib.suppress(ValueError):
+            proc.close()
+
+
+def launch_hosts(count: int, log_dir: Path, log_level: str) -> list[AgentHost]:
+    """Start ``count`` hosts with SIGINT ignored while they spawn (see the module docstring)."""
+    hosts = [AgentHost(i, log_dir / f"agents-{i}.log", log_level) for i in range(count)]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # A spawned interpreter that starts with SIGINT ignored installs no KeyboardInterrupt
+        # handler, so a Ctrl-C while it is still importing cannot print a traceback.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for host in hosts:
+            host.launch()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return hosts
+
+
+__all__ = ["AgentHost", "AgentSnapshot", "host_main", "launch_hosts"]

@@ -1,0 +1,130 @@
+"""``firmware-sim fleet``: run a simulated fleet for a while and write a JSON report.
+
+::
+
+    firmware-sim fleet --devices N [--tampered K] [--tampered-profile P] [--interval S]
+                       --duration S [--report FILE] [--workdir DIR] [--keep] ...
+
+Starts its own Mosquitto, a fleet server (``fleet-server run`` subprocess) and N swtpm-backed
+simulated devices with their agents (:class:`firmware_sim.fleet.FleetHarness`), waits until every
+device has been attested once, measures ``--duration`` seconds, stops everything and writes the
+report (``docs/harness.md``; to stdout without ``--report``).  Progress lines go to stderr; an
+error is one line on stderr with exit status 1; Ctrl-C (or SIGTERM) stops everything cleanly
+(exit status 130; a report of the shortened window is still written if the window had begun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from protocol.errors import EdgeError
+
+PROG = "firmware-sim fleet"
+
+
+def register(sub: Any) -> None:
+    """Add the ``fleet`` command to ``firmware-sim``'s sub-parsers."""
+    p = sub.add_parser("fleet", help="run a simulated fleet (broker, server, N devices) and report on it",
+                       description="Start Mosquitto, a fleet server and N swtpm-backed simulated devices, "
+                                   "measure attestation for a while, stop everything, write a JSON report.")
+    p.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices")
+    p.add_argument("--tampered", type=int, default=0, metavar="K",
+                   help="the first K devices boot a tampered profile (default 0)")
+    p.add_argument("--tampered-profile", default="tampered-kernel", metavar="P",
+                   help="profile of the tampered devices (default tampered-kernel; "
+                        "see `firmware-sim profiles`)")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="re-attestation interval of the server, seconds (default 2)")
+    p.add_argument("--duration", type=float, required=True, metavar="S",
+                   help="length of the measured window, seconds (after every device is attested once)")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here (default stdout)")
+    p.add_argument("--workdir", type=Path, metavar="DIR",
+                   help="workspace folder, empty or absent (default a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the workspace (logs, database, devices)")
+    p.add_argument("--jitter", type=float, metavar="S", help="schedule jitter (default interval/10)")
+    p.add_argument("--challenge-timeout", type=float, default=10.0, metavar="S",
+                   help="challenge deadline, seconds (default 10)")
+    p.add_argument("--batch-linger", type=float, metavar="S",
+                   help="server.batch_linger (default the server's)")
+    p.add_argument("--server-workers", type=int, default=1, metavar="N",
+                   help="worker processes of the fleet server (default 1)")
+    p.add_argument("--agent-processes", type=int, metavar="N",
+                   help="processes hosting the agents (default one per 16 devices, at most one per CPU)")
+    p.add_argument("--settle-timeout", type=float, metavar="S",
+                   help="how long devices may take to be attested once (default 60 + 0.5 per device)")
+    p.add_argument("--server-log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(handler=_cmd_fleet)
+
+
+def _progress(line: str) -> None:
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def _summary(report: dict[str, Any]) -> str:
+    states: dict[str, int] = {}
+    for device in report["devices"]:
+        states[device["state"]] = states.get(device["state"], 0) + 1
+    state_text = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    return (f"{report['attestations_total']} attestations in {report['duration_s']:.1f} s: "
+            f"{report['attestations_per_s']:.1f}/s, latency p50 {report['latency_ms']['p50']:.1f} ms "
+            f"p99 {report['latency_ms']['p99']:.1f} ms, server CPU "
+            f"{report['server_cpu_ms_per_attestation']:.3f} ms/attestation; devices: {state_text}")
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from firmware_sim.fleet import FleetConfig, FleetHarness, HarnessError, Interrupted
+    from firmware_sim.fleet_report import write_report
+
+    config = FleetConfig(devices=args.devices, tampered=args.tampered, tampered_profile=args.tampered_profile,
+                         interval=args.interval, duration=args.duration, workdir=args.workdir, keep=args.keep,
+                         jitter=args.jitter, challenge_timeout=args.challenge_timeout,
+                         batch_linger=args.batch_linger, server_workers=args.server_workers,
+                         agent_processes=args.agent_processes, settle_timeout=args.settle_timeout,
+                         server_log_level=args.server_log_level)
+    harness = FleetHarness(config, progress=_progress)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Only a flag: the harness checks it between steps and in every wait.
+        if not harness.stop_requested:
+            _progress(f"{signal.Signals(signum).name}: stopping")
+        harness.request_stop()
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            harness.start()
+            measurement = harness.run()
+            harness.stop()
+            report = harness.report(measurement)
+        except Interrupted:
+            _progress("interrupted; everything stopped")
+            return 130
+        except EdgeError:
+            raise
+        except Exception as exc:  # one line, never a traceback
+            raise HarnessError(f"internal error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            harness.close()
+        text = json.dumps(report, indent=2)
+        if args.report is not None:
+            write_report(args.report, report)
+            _progress(f"{_summary(report)}; report in {args.report}")
+        else:
+            print(text)
+            _progress(_summary(report))
+        return 130 if measurement.interrupted else 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+__all__ = ["register"]

@@ -20,6 +20,9 @@ Commands here::
     firmware-sim device show DIR                            profile, paths and image digests
     firmware-sim device reference --profile P [--json]      expected PCR values of a profile
     firmware-sim device destroy DIR                         stop and delete a device folder
+    firmware-sim model build OUT.onnx [--seed N]            a small ONNX classifier (tests, demo)
+    firmware-sim fleet --devices N --duration S ...         a whole simulated fleet, measured (fleet_cli)
+    firmware-sim demo                                       broker, server + console, five devices (demo)
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ COMMANDS: dict[str, str] = {
     "device": "firmware_sim.cli:register_device",
     "profiles": "firmware_sim.cli:register_profiles",
     "fleet": "firmware_sim.fleet_cli:register",
+    "model": "firmware_sim.model_cli:register",
+    "demo": "firmware_sim.demo:register",
 }
 
 #: Environment variable naming the manufacturer CA folder used by ``device create``.

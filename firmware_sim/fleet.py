@@ -47,6 +47,8 @@ import contextlib
 import io
 import math
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -64,6 +66,7 @@ from typing import Any
 from firmware_sim.broker import MosquittoBroker
 from firmware_sim.device import SimulatedDevice
 from firmware_sim.fleet_agents import AgentHost, AgentSnapshot, launch_hosts
+from firmware_sim.fleet_queries import ModelUsage, QueryLoad
 from firmware_sim.fleet_report import (
     CpuSample,
     DeviceInfo,
@@ -87,6 +90,11 @@ DEVICE_POOL = 16
 the number of cores pays off."""
 REPORT_GRACE_S = 0.5
 """After the window ends, how long to let the server commit the batch it is working on."""
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+QUERY_CLIENT = "fleet-harness"
+"""The client app name the harness queries each agent's inference API as."""
+MODEL_TELEMETRY_INTERVAL = 10
+"""Seconds between the agents' usage telemetry (the console shows query usage from it)."""
 
 
 class HarnessError(EdgeError):
@@ -137,6 +145,18 @@ class FleetConfig:
     server_args: tuple[str, ...] = ()
     """Extra arguments of ``fleet-server run``."""
     device_prefix: str = "dev"
+    model: Path | None = None
+    """An ONNX model to protect: published (``fleet-server model publish``), entitled to the devices'
+    class, and served by every agent through its local inference API (``[models]``/``[inference]``)."""
+    model_name: str | None = None
+    """Name to publish the model under; default from the file name."""
+    model_version: str = "1.0.0"
+    model_policy: Path | None = None
+    """Usage policy TOML of the published version (``fleet-server model publish --policy``)."""
+    queries: int = 0
+    """Prediction requests per device during the measured window (needs ``model``)."""
+    query_interval: float | None = None
+    """Seconds between a device's requests; default the window spread evenly (1 s without a window)."""
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -166,6 +186,36 @@ class FleetConfig:
         if not self.device_prefix or not self.device_prefix.replace("-", "").isalnum() \
                 or not self.device_prefix.islower() or len(self.device_prefix) > 40:
             raise ConfigError("device_prefix: lowercase letters, digits and '-' (at most 40)")
+        if self.model is None:
+            if self.queries:
+                raise ConfigError("queries: needs a model (--model FILE.onnx)")
+        else:
+            if not Path(self.model).is_file():
+                raise ConfigError(f"model: {self.model} is not a file")
+            if self.model_policy is not None and not Path(self.model_policy).is_file():
+                raise ConfigError(f"model_policy: {self.model_policy} is not a file")
+            if not MODEL_NAME_RE.fullmatch(self.effective_model_name):
+                raise ConfigError(f"model_name: {self.effective_model_name!r} is not a model name "
+                                  "(lowercase letters, digits, '.', '_', '-'; at most 64)")
+        if not 0 <= self.queries <= 1_000_000:
+            raise ConfigError("queries: must be between 0 and 1000000")
+        if self.query_interval is not None and not 0.001 <= self.query_interval <= 86400:
+            raise ConfigError("query_interval: must be between 0.001 and 86400 seconds")
+
+    @property
+    def effective_model_name(self) -> str:
+        if self.model_name is not None:
+            return self.model_name
+        stem = re.sub(r"[^a-z0-9._-]+", "-", Path(self.model or "model").stem.lower()).strip("-._")
+        return stem[:64] or "model"
+
+    @property
+    def effective_query_interval(self) -> float:
+        if self.query_interval is not None:
+            return self.query_interval
+        if self.duration is None or self.queries == 0:
+            return 1.0
+        return self.duration / self.queries
 
     @property
     def effective_jitter(self) -> float:
@@ -195,6 +245,8 @@ class _Device:
     sim: SimulatedDevice
     agent_dir: Path
     host: AgentHost | None = None
+    token: str = ""
+    """The harness's client token for the device's inference API (with a model)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +260,8 @@ class Measurement:
     devices: dict[str, DeviceRow]
     interrupted: bool = False
     agents: dict[str, AgentSnapshot] = field(default_factory=dict)
+    model_usage: dict[str, ModelUsage] = field(default_factory=dict)
+    """Per device, the inference requests of the window (with a model)."""
 
 
 def _toml_str(value: str) -> str:
@@ -253,6 +307,8 @@ class FleetHarness:
         self._server_log: Any = None
         self._engine: Any = None
         self._console_port: int | None = None
+        self.model_signature: Any = None
+        """The published model's :class:`~protocol.modelpkg.IoSignature` (with a model)."""
         self.started = False
 
     # -- paths -------------------------------------------------------------------------------------
@@ -341,12 +397,16 @@ class FleetHarness:
         self._make_devices(ca)
         self._check_interrupted()
         self._store_policy()
+        if cfg.model is not None:
+            self._publish_model()
         self._preregister(ca)
         self._provision_agents()
         self._check_interrupted()
         self.start_server()
         self._start_agents()
         self.wait_settled(cfg.effective_settle_timeout)
+        if cfg.model is not None:
+            self.wait_models(cfg.effective_settle_timeout)
         self._progress(f"fleet ready in {time.monotonic() - t0:.1f} s: {self._state_summary()}")
 
     def close(self) -> None:
@@ -531,6 +591,26 @@ class FleetHarness:
                                 profile.device_class, "--config", str(self.server_config)],
                  "fleet-server policy from-eventlog")
 
+    def _publish_model(self) -> None:
+        import json
+
+        from fleet_server.cli import main as fleet_server
+        from protocol.modelpkg import IoSignature
+
+        cfg = self.config
+        assert cfg.model is not None
+        name, profile = cfg.effective_model_name, get_profile("golden")
+        argv = ["model", "publish", str(cfg.model), "--name", name, "--version", cfg.model_version, "--json",
+                "--config", str(self.server_config)]
+        if cfg.model_policy is not None:
+            argv[5:5] = ["--policy", str(cfg.model_policy)]
+        published = json.loads(_run_cli(fleet_server, argv, "fleet-server model publish"))
+        self.model_signature = IoSignature.from_json(published["io_signature"], "io_signature")
+        _run_cli(fleet_server, ["model", "entitle", name, "--device-class", profile.device_class,
+                                "--config", str(self.server_config)], "fleet-server model entitle")
+        self._progress(f"model {name} {published['version']} published ({published['package_size']} bytes) "
+                       f"and entitled to {profile.device_class}")
+
     def _preregister(self, ca: ManufacturerCA) -> None:
         from fleet_server.config import load_config
         from fleet_server.enrollment.ekcert import load_trust_bundle
@@ -553,15 +633,18 @@ class FleetHarness:
 
     def _provision_agents(self) -> None:
         import datetime as dt
+        import hashlib
 
         from fleet_server import pki
         from fleet_server.config import load_config
-        from fleet_server.keys import load_signing_key
+        from fleet_server.keys import load_model_signing_key, load_signing_key
 
         self._progress("issuing claim credentials")
         config = load_config(self.server_config)
         ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
         public = load_signing_key(config.signing_key).public_pem()
+        model_public = (load_model_signing_key(config.models.signing_key).public_pem()
+                        if self.config.model is not None else None)
         now = time.time()
         for device in self.devices.values():
             claim = device.agent_dir / "claim"
@@ -572,6 +655,13 @@ class FleetHarness:
             pki.write_certificate(claim / "claim.pem", credential.cert_pem)
             pki.write_certificate(claim / "fleet-ca.pem", ca.cert_pem)
             pki.write_certificate(claim / "server-signing.pub.pem", public)
+            if model_public is not None:
+                pki.write_certificate(claim / "model-signing.pub.pem", model_public)
+                device.token = secrets.token_urlsafe(24)
+                digest = hashlib.sha256(device.token.encode()).hexdigest()
+                fd = os.open(device.agent_dir / "clients.toml", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(f'[clients.{QUERY_CLIENT}]\ntoken_sha256 = "{digest}"\n')
             self._write_agent_config(device)
 
     def _write_agent_config(self, device: _Device) -> Path:
@@ -602,6 +692,16 @@ class FleetHarness:
             f"level = {_toml_str(self.config.agent_log_level)}",
             "",
         ])
+        if self.config.model is not None:
+            text += "\n".join([
+                "[models]",
+                f"signing_public_key = {_toml_str(str(claim / 'model-signing.pub.pem'))}",
+                f"telemetry_interval = {MODEL_TELEMETRY_INTERVAL}",
+                "[inference]",
+                "port = 0",
+                'clients_file = "clients.toml"',
+                "",
+            ])
         path = device.agent_dir / "agent.toml"
         path.write_text(text, encoding="utf-8")
         return path
@@ -818,6 +918,45 @@ class FleetHarness:
             raise HarnessError(f"{exc.diagnostics()}; {len(pending)} devices not attested "
                                f"(e.g. {', '.join(pending[:3])})") from None
 
+    def wait_models(self, timeout: float) -> None:
+        """Wait until every trusted device's agent has the model downloaded, keyed and unlocked."""
+        name = self.config.effective_model_name
+        self._progress(f"waiting for trusted devices to unlock {name}")
+
+        def ready() -> bool:
+            rows = self.device_states()
+            snapshots = self.agent_status()
+            trusted = [d for d in self.devices if d in rows and rows[d].state == "trusted"]
+            return all(d in snapshots and snapshots[d].model_unlocked(name) for d in trusted)
+
+        try:
+            self.wait_for(ready, f"trusted devices to unlock {name}", timeout, poll=0.25)
+        except Interrupted:
+            raise
+        except HarnessError as exc:
+            snapshots = self.agent_status()
+            locked = [f"{d} ({(snapshots[d].models.get(name) or {}).get('lock_reason') or 'no package'})"
+                      for d in self.devices if d in snapshots and not snapshots[d].model_unlocked(name)]
+            raise HarnessError(f"{exc.diagnostics()}; locked: {', '.join(locked[:3])}") from None
+
+    def models_unlocked(self, snapshots: dict[str, AgentSnapshot]) -> dict[str, bool]:
+        name = self.config.effective_model_name
+        return {d: d in snapshots and snapshots[d].model_unlocked(name) for d in self.devices}
+
+    def _query_load(self) -> QueryLoad | None:
+        cfg = self.config
+        if cfg.model is None or cfg.queries == 0 or self.model_signature is None:
+            return None
+
+        def addresses() -> dict[str, str | None]:
+            return {d: s.inference_address for d, s in self.agent_status().items()}
+
+        self._progress(f"sending {cfg.queries} queries per device, "
+                       f"one every {cfg.effective_query_interval:g} s")
+        return QueryLoad(model=cfg.effective_model_name, signature=self.model_signature,
+                         tokens={d.id: d.token for d in self.devices.values()}, addresses=addresses,
+                         queries=cfg.queries, interval=cfg.effective_query_interval)
+
     # -- measuring ---------------------------------------------------------------------------------
     def _cpu(self) -> CpuSample:
         broker = self.broker.pid if self.broker is not None else None
@@ -840,6 +979,9 @@ class FleetHarness:
         msgs0 = self._messages(self.agent_status())
         cpu0 = self._cpu()
         start = _now_ms()
+        load = self._query_load()
+        if load is not None:
+            load.start()
         end_at = None if length is None else time.monotonic() + length
         while not self._stop_requested.is_set():
             remaining = None if end_at is None else end_at - time.monotonic()
@@ -851,11 +993,17 @@ class FleetHarness:
             self._stop_requested.wait(1.0 if remaining is None else min(1.0, remaining))
         end = _now_ms()
         cpu = self._cpu().minus(cpu0)
+        usage: dict[str, ModelUsage] = {}
+        if load is not None:  # the last round may still be in flight: let it finish, send no more
+            if not self._stop_requested.is_set():
+                load.wait(min(5.0, load.interval))
+            load.stop()
+            usage = load.usage()
         snapshots = self.agent_status()
         msgs = self._messages(snapshots) - msgs0
         rows = self.device_states()
         return Measurement(start_ms=start, end_ms=end, cpu=cpu, mqtt_messages=msgs, devices=rows,
-                           interrupted=self._stop_requested.is_set(), agents=snapshots)
+                           interrupted=self._stop_requested.is_set(), agents=snapshots, model_usage=usage)
 
     def report(self, measurement: Measurement) -> dict[str, Any]:
         """The report of a measured window, from the server database (see :mod:`firmware_sim.fleet_report`).
@@ -875,9 +1023,24 @@ class FleetHarness:
                          "agent_processes": cfg.effective_agent_processes,
                          "batch_linger_s": cfg.batch_linger, "cpus": os.cpu_count()},
         }
+        per_device: dict[str, dict[str, Any]] = {}
+        if cfg.model is not None:
+            unlocked = self.models_unlocked(measurement.agents)
+            for device_id in self.devices:
+                use = measurement.model_usage.get(device_id, ModelUsage())
+                per_device[device_id] = {"model": {"unlocked": unlocked[device_id], "served": use.served,
+                                                   "refused": use.refused,
+                                                   "refusals": dict(sorted(use.refusals.items()))}}
+            extra["model"] = {
+                "name": cfg.effective_model_name, "version": cfg.model_version,
+                "queries_per_device": cfg.queries, "query_interval_s": cfg.effective_query_interval,
+                "unlocked_devices": sum(unlocked.values()),
+                "served_total": sum(u.served for u in measurement.model_usage.values()),
+                "refused_total": sum(u.refused for u in measurement.model_usage.values()),
+            }
         infos = [DeviceInfo(d.id, d.profile.name) for d in self.devices.values()]
         return build_report(devices=infos, rows=measurement.devices, window=window, cpu=measurement.cpu,
-                            mqtt_messages=measurement.mqtt_messages, extra=extra)
+                            mqtt_messages=measurement.mqtt_messages, extra=extra, per_device=per_device)
 
 
 @contextlib.contextmanager

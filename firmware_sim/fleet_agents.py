@@ -58,6 +58,15 @@ class AgentSnapshot:
     reasons: tuple[str, ...]
     error: str | None
     counters: Mapping[str, int] = field(default_factory=dict)
+    inference_address: str | None = None
+    """``host:port`` of the agent's local inference API (with ``[inference]``)."""
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per model of the vault: ``serving_version``, ``locked``, ``lock_reason``."""
+
+    def model_unlocked(self, name: str) -> bool:
+        """The model ``name`` is held, keyed and serving (not locked)."""
+        m = self.models.get(name) or {}
+        return bool(m.get("serving_version")) and not m.get("locked", True)
 
     @property
     def messages(self) -> int:
@@ -70,13 +79,16 @@ class AgentSnapshot:
         out = asdict(self)
         out["reasons"] = list(self.reasons)
         out["counters"] = dict(self.counters)
+        out["models"] = {name: dict(m) for name, m in self.models.items()}
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentSnapshot:
         return cls(device_id=str(data["device_id"]), phase=str(data["phase"]), verdict=str(data["verdict"]),
                    trusted=bool(data["trusted"]), connected=bool(data["connected"]),
-                   reasons=tuple(data["reasons"]), error=data["error"], counters=dict(data["counters"]))
+                   reasons=tuple(data["reasons"]), error=data["error"], counters=dict(data["counters"]),
+                   inference_address=data.get("inference_address"),
+                   models={name: dict(m) for name, m in (data.get("models") or {}).items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,10 +128,15 @@ class _Host:
         out: dict[str, dict[str, Any]] = {}
         for device_id, agent in self.agents.items():
             s = agent.status()
+            vault = s.models or {}
+            models = {name: {k: m.get(k) for k in ("serving_version", "locked", "lock_reason")}
+                      for name, m in (vault.get("models") or {}).items()}
             out[device_id] = AgentSnapshot(device_id=device_id, phase=s.phase, verdict=s.verdict,
                                            trusted=s.trusted, connected=s.connected,
                                            reasons=tuple(s.verdict_reasons), error=s.error,
-                                           counters=dict(s.counters)).to_dict()
+                                           counters=dict(s.counters),
+                                           inference_address=vault.get("inference_address"),
+                                           models=models).to_dict()
         return out
 
 

@@ -4,6 +4,7 @@
 
     firmware-sim fleet --devices N [--tampered K] [--tampered-profile P] [--interval S]
                        --duration S [--report FILE] [--workdir DIR] [--keep] ...
+                       [--model FILE.onnx [--queries N] [--model-policy FILE.toml]]
 
 Starts its own Mosquitto, a fleet server (``fleet-server run`` subprocess) and N swtpm-backed
 simulated devices with their agents (:class:`firmware_sim.fleet.FleetHarness`), waits until every
@@ -60,6 +61,19 @@ def register(sub: Any) -> None:
     p.add_argument("--settle-timeout", type=float, metavar="S",
                    help="how long devices may take to be attested once (default 60 + 0.5 per device)")
     p.add_argument("--server-log-level", default="info", choices=("debug", "info", "warning", "error"))
+    m = p.add_argument_group("protected model (docs/harness.md, \"Model protection\")")
+    m.add_argument("--model", type=Path, metavar="FILE.onnx",
+                   help="publish this ONNX model, entitle the devices to it, serve it on every agent "
+                        "(`firmware-sim model build` makes a small one)")
+    m.add_argument("--queries", type=int, default=0, metavar="N",
+                   help="prediction requests per device during the window, spread evenly (default 0)")
+    m.add_argument("--model-name", metavar="NAME",
+                   help="name to publish the model under (default: the file name)")
+    m.add_argument("--model-policy", type=Path, metavar="FILE.toml",
+                   help="usage policy of the model (rate, quotas, output mode; "
+                        "see `fleet-server model publish --policy`)")
+    m.add_argument("--query-interval", type=float, metavar="S",
+                   help="seconds between a device's requests (default: the window divided by N)")
     p.set_defaults(handler=_cmd_fleet)
 
 
@@ -72,10 +86,15 @@ def _summary(report: dict[str, Any]) -> str:
     for device in report["devices"]:
         states[device["state"]] = states.get(device["state"], 0) + 1
     state_text = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    model = report.get("model")
+    model_text = ("" if model is None else
+                  f"; model {model['name']}: unlocked on {model['unlocked_devices']} devices, "
+                  f"{model['served_total']} requests served, {model['refused_total']} refused")
     return (f"{report['attestations_total']} attestations in {report['duration_s']:.1f} s: "
             f"{report['attestations_per_s']:.1f}/s, latency p50 {report['latency_ms']['p50']:.1f} ms "
             f"p99 {report['latency_ms']['p99']:.1f} ms, server CPU "
-            f"{report['server_cpu_ms_per_attestation']:.3f} ms/attestation; devices: {state_text}")
+            f"{report['server_cpu_ms_per_attestation']:.3f} ms/attestation; "
+            f"devices: {state_text}{model_text}")
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
@@ -87,7 +106,9 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
                          jitter=args.jitter, challenge_timeout=args.challenge_timeout,
                          batch_linger=args.batch_linger, server_workers=args.server_workers,
                          agent_processes=args.agent_processes, settle_timeout=args.settle_timeout,
-                         server_log_level=args.server_log_level)
+                         server_log_level=args.server_log_level, model=args.model, queries=args.queries,
+                         model_name=args.model_name, model_policy=args.model_policy,
+                         query_interval=args.query_interval)
     harness = FleetHarness(config, progress=_progress)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -212,15 +212,16 @@ class DeviceInfo:
 
 
 def build_report(*, devices: Sequence[DeviceInfo], rows: Mapping[str, DeviceRow], window: Window,
-                 cpu: Mapping[str, float], mqtt_messages: int | None, extra: Mapping[str, Any]
-                 ) -> dict[str, Any]:
+                 cpu: Mapping[str, float], mqtt_messages: int | None, extra: Mapping[str, Any],
+                 per_device: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The report dict (see the module docstring).
 
     Extra keys: ``duration_s`` (the measured window), ``verdicts`` (count per verdict),
     ``server_cpu_ms_per_attestation``, ``cpu_ms_per_attestation`` (per role: server, broker,
     agents, swtpm, harness), ``cpu_cores`` (average cores busy per role during the window),
     ``mqtt_msgs_per_s`` (messages between agents and server through the broker) and whatever
-    ``extra`` holds (the run's settings).
+    ``extra`` holds (the run's settings).  ``per_device`` adds keys to a device's entry (``model``
+    with a protected model: ``{"unlocked", "served", "refused", "refusals"}``).
     """
     total = window.total
     secs = window.seconds
@@ -229,7 +230,8 @@ def build_report(*, devices: Sequence[DeviceInfo], rows: Mapping[str, DeviceRow]
         "devices": [{"id": d.id, "profile": d.profile,
                      "state": rows[d.id].state if d.id in rows else "unknown",
                      "attestations": int(window.counts.get(d.id, 0)),
-                     "reasons": list(rows[d.id].reasons) if d.id in rows else []}
+                     "reasons": list(rows[d.id].reasons) if d.id in rows else [],
+                     **(per_device or {}).get(d.id, {})}
                     for d in devices],
         "attestations_total": total,
         "attestations_per_s": round(total / secs, 2),

@@ -84,3 +84,31 @@ def make_swtpm(tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[obje
 def tools_env(tpm: Swtpm) -> dict[str, str]:
     """Environment for running tpm2-tools against ``tpm``."""
     return {**os.environ, "TPM2TOOLS_TCTI": tpm.tcti}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_agent_threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every agent a test starts is stopped by the end of the test: a thread of an agent (or its
+    vault, or its inference API) still running afterwards would act in, and log into, later tests.
+    Also drops a log handler ``agent.log.configure_logging`` installed on the root logger during
+    the test (it holds that test's captured stderr, closed once the test ends)."""
+    import logging
+    import threading
+    import time
+
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == "edge-agent"]:
+        root.removeHandler(handler)
+
+    def leaked() -> list[str]:
+        return [t.name for t in threading.enumerate()
+                if t.ident not in before and t.is_alive() and t.name.startswith("agent-")]
+
+    deadline = time.monotonic() + 10
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    names = leaked()
+    if names:
+        pytest.fail(f"{request.node.nodeid} left agent threads running: {', '.join(sorted(names))}")

@@ -123,6 +123,53 @@ def test_fleet_run_writes_the_report_and_leaves_nothing_behind(tmp_path: Path) -
 @pytest.mark.swtpm
 @pytest.mark.mqtt
 @pytest.mark.slow
+def test_fleet_with_a_model_serves_it_on_trusted_devices_only_and_counts_refusals(tmp_path: Path) -> None:
+    model = tmp_path / "classifier.onnx"
+    built = subprocess.run([sys.executable, "-m", "firmware_sim.cli", "model", "build", str(model),
+                            "--seed", "3"], capture_output=True, text=True, timeout=60, check=False)
+    assert built.returncode == 0, built.stderr
+    plaintext = model.read_bytes()
+    # A lease quota of 5 requests: the sixth and later are refused by the guard, and counted.
+    policy = tmp_path / "policy.toml"
+    policy.write_text("output_mode = \"topk\"\nk = 2\nlease_quota = 5\n")
+    workdir, report_path = tmp_path / "work", tmp_path / "report.json"
+    res = subprocess.run(_fleet_cmd(workdir, "--devices", "3", "--tampered", "1", "--interval", "1",
+                                    "--duration", "4", "--model", str(model), "--model-policy", str(policy),
+                                    "--queries", "8", "--keep", "--report", str(report_path)),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    tampered, *golden = report["devices"]
+    assert all(set(d) == DEVICE_KEYS | {"model"} for d in report["devices"])
+    assert tampered["state"] == "untrusted"
+    assert tampered["model"]["unlocked"] is False
+    assert (tampered["model"]["served"], tampered["model"]["refused"]) == (0, 8)
+    for device in golden:
+        assert device["state"] == "trusted"
+        usage = device["model"]
+        assert usage["unlocked"] is True
+        assert (usage["served"], usage["refused"]) == (5, 3), usage
+        assert usage["refusals"] == {"quota_exceeded": 3}
+    summary = report["model"]
+    assert (summary["name"], summary["unlocked_devices"], summary["served_total"]) == ("classifier", 2, 10)
+    assert summary["refused_total"] == 8 + 3 + 3
+
+    # No plaintext model anywhere in the workspace: not in the server's package store, not in any
+    # device's or agent's folder (packages are kept as received, encrypted).
+    checked = 0
+    for path in workdir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert plaintext not in path.read_bytes(), path
+            checked += 1
+    assert checked > 20
+    assert list(workdir.glob("agents/dev-001/state/models/*.pkg"))  # the device did hold the package
+    assert _live_processes_mentioning(str(workdir)) == []
+
+
+@pytest.mark.swtpm
+@pytest.mark.mqtt
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     proc = subprocess.Popen(_fleet_cmd(workdir, "--devices", "2", "--duration", "600", "--keep"),
@@ -158,6 +205,10 @@ def test_bad_arguments_are_one_line_errors_and_start_nothing(tmp_path: Path,
         (["--devices", "2", "--tampered", "3", "--duration", "1"], "tampered"),
         (["--devices", "2", "--tampered-profile", "no-such-profile", "--duration", "1"], "no-such-profile"),
         (["--devices", "2", "--interval", "1", "--jitter", "2", "--duration", "1"], "jitter"),
+        (["--devices", "2", "--queries", "5", "--duration", "1"], "model"),
+        (["--devices", "2", "--model", str(tmp_path / "absent.onnx"), "--duration", "1"], "absent.onnx"),
+        (["--devices", "2", "--model", __file__, "--model-name", "Bad Name", "--duration", "1"],
+         "model_name"),
     ]
     for args, word in cases:
         status = firmware_sim(["fleet", "--workdir", str(tmp_path / "w"), *args])

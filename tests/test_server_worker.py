@@ -247,6 +247,38 @@ def _write_config(path: Path, config: ServerConfig, fleet_pki: BrokerPki, signin
     ]))
 
 
+def test_sigterm_while_workers_are_still_starting_stops_them_all_cleanly(
+        repo: Repository, worker_config: ServerConfig, fleet_pki: BrokerPki, signer: ResultSigner,
+        tmp_path: Path) -> None:
+    """SIGTERM as soon as the supervisor has spawned its workers (they are still importing): no worker
+    is killed half-way; each stops through its own handler, and the server exits 0."""
+    config_path = tmp_path / "server.toml"
+    _write_config(config_path, worker_config, fleet_pki, worker_config.signing_key)
+    log_path = worker_config.data_dir / "run.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "run", "--config", str(config_path),
+                             "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log_path.exists() and log_path.read_text().count("event=worker_process_started") >= 2:
+                break
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGTERM)
+        status = proc.wait(WAIT + 60)
+        assert status == 0, proc.stderr.read().decode() if proc.stderr else status
+        log = log_path.read_text()
+        assert log.count("event=worker_stopped") == 2, log
+        assert "worker_process_exited" not in log and "Traceback" not in log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_run_serves_and_stops_cleanly_on_sigterm(
         repo: Repository, workers: int, worker_config: ServerConfig, fleet_pki: BrokerPki,

@@ -10,7 +10,10 @@ restarted. Logs are structured one-line ``key=value`` records on stderr and in `
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from fleet_server.config import find_config, load_config
@@ -29,6 +32,16 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # From the first moment, SIGTERM/SIGINT are a stop request, never an abrupt death: a signal
+    # that arrives while the database is migrated or the console starts stops the server cleanly
+    # as soon as its workers run (they install their own handlers and honour this request).
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
     path = find_config(args.config)
     config = load_config(path)
     if args.workers is not None and not 1 <= args.workers <= 256:
@@ -40,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
 
         console = start_console(config)
     try:
-        return run_workers(Path(path), config, workers=args.workers)
+        return run_workers(Path(path), config, workers=args.workers, stop=stop)
     finally:
         if console is not None:
             console.stop()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
 import signal
@@ -136,11 +137,16 @@ class Worker:
         """Ask the housekeeping thread to publish the outbox now."""
         self._outbox_due.set()
 
-    def run_forever(self, *, handle_signals: bool = True) -> int:
-        """Run until SIGTERM/SIGINT (or :meth:`stop` from another thread); returns an exit status."""
+    def run_forever(self, *, handle_signals: bool = True, stop: threading.Event | None = None) -> int:
+        """Run until SIGTERM/SIGINT (or :meth:`stop` from another thread); returns an exit status.
+
+        ``stop``: a stop request that may have arrived before this worker existed (``fleet-server
+        run`` handles signals from its first moment): if set, the worker starts and stops at once."""
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
+        if stop is not None:
+            threading.Thread(target=self._follow, args=(stop,), name=f"{self.name}-stop", daemon=True).start()
         self.start()
         try:
             while not self._stop.wait(1.0):
@@ -148,6 +154,12 @@ class Worker:
         finally:
             self.stop()
         return 0
+
+    def _follow(self, stop: threading.Event) -> None:
+        while not self._stop.is_set():
+            if stop.wait(1.0):
+                self._stop.set()
+                self._outbox_due.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log_event(log, logging.INFO, "worker_stopping", worker=self.name, signal=signal.Signals(signum).name)
@@ -273,17 +285,31 @@ def _child_main(config_path: str, index: int) -> None:
 
 
 class _Supervisor:
-    def __init__(self, config_path: Path, count: int) -> None:
+    """Runs ``count`` worker processes, restarts one that dies, stops them all on SIGTERM/SIGINT.
+
+    A worker starts with SIGTERM and SIGINT *ignored* (dispositions set to ignore survive the spawn),
+    so a signal during its start-up (imports, configuration) cannot kill it half-way; it installs
+    its own handlers when it is ready, and the supervisor repeats SIGTERM every second until every
+    worker has exited, so a request that arrived too early is not lost."""
+
+    def __init__(self, config_path: Path, count: int, stop: threading.Event | None = None) -> None:
         self.config_path = config_path
         self.count = count
         self.ctx = multiprocessing.get_context("spawn")
         self.children: dict[int, multiprocessing.process.BaseProcess] = {}
-        self.stopping = threading.Event()
+        self.stopping = stop if stop is not None else threading.Event()
 
     def spawn(self, index: int) -> None:
         proc = self.ctx.Process(target=_child_main, args=(str(self.config_path), index),
                                 name=f"fleet-worker-{index}", daemon=False)
-        proc.start()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            proc.start()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         self.children[index] = proc
         log_event(log, logging.INFO, "worker_process_started", index=index, pid=proc.pid)
 
@@ -307,24 +333,31 @@ class _Supervisor:
                     time.sleep(1.0)
                 restarts[index] = time.monotonic()
                 self.spawn(index)
-        for proc in self.children.values():
-            if proc.is_alive() and proc.pid is not None:
+        deadline = time.monotonic() + STOP_TIMEOUT_S + 5
+        while time.monotonic() < deadline:
+            alive = [p for p in self.children.values() if p.is_alive() and p.pid is not None]
+            if not alive:
+                break
+            for proc in alive:
+                assert proc.pid is not None
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S + 5
+            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=1.0)
         for proc in self.children.values():
-            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
-                proc.join(5)
+            proc.join(5)
         log_event(log, logging.INFO, "workers_stopped", count=len(self.children))
         return 0
 
 
-def run_workers(config_path: Path, config: ServerConfig, *, workers: int | None = None) -> int:
+def run_workers(config_path: Path, config: ServerConfig, *, workers: int | None = None,
+                stop: threading.Event | None = None) -> int:
     """Migrate the database, then run the workers until SIGTERM/SIGINT; returns an exit status.
 
     One worker runs in this process; more run as spawned processes under a small supervisor.
+    ``stop`` is a stop request the caller may already have received (it handles the signals
+    before this runs): once set, the workers stop.
     """
     engine = create_engine(config.database_url)
     try:
@@ -335,5 +368,5 @@ def run_workers(config_path: Path, config: ServerConfig, *, workers: int | None 
         log_event(log, logging.INFO, "database_upgraded", before=before or "empty", after=after)
     count = workers or config.workers
     if count <= 1:
-        return Worker(config).run_forever()
-    return _Supervisor(config_path, count).run()
+        return Worker(config).run_forever(stop=stop)
+    return _Supervisor(config_path, count, stop).run()

@@ -36,6 +36,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if not 0 <= args.size_mb <= 4096:
         raise ConfigError("--size-mb: must be between 0 and 4096")
     out: Path = args.out
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out.parent} is not a folder")
     if out.exists() and not args.force:
         raise ConfigError(f"{out} exists (use --force to overwrite)")
     from firmware_sim.testmodel import large_classifier, small_classifier

@@ -656,3 +656,30 @@ def test_cli_boot_runs_until_interrupted(tmp_path: Path, manufacturer_ca: Manufa
     assert "Traceback" not in err
     assert not pids_mentioning(str(folder / "tpm"))
     SimulatedDevice(folder).destroy()
+
+
+def test_model_build_writes_a_loadable_classifier_deterministically(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from fleet_server.modelstore.onnxio import inspect_onnx
+
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert cli.main(["model", "build", str(first), "--seed", "4"]) == 0
+    assert cli.main(["model", "build", str(second), "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert first.read_bytes() == second.read_bytes()  # same seed, same bytes
+    assert hashlib.sha256(first.read_bytes()).hexdigest() in out
+    signature = inspect_onnx(first.read_bytes())  # what `fleet-server model publish` accepts
+    assert [(t.name, t.dtype) for t in signature.inputs] == [("input", "float32")]
+    session = ort.InferenceSession(first.read_bytes(), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"input": np.zeros((2, 16), dtype=np.float32)})[0]
+    assert scores.shape == (2, 10)
+
+    assert cli.main(["model", "build", str(first)]) == 1  # exists: never overwritten silently
+    assert "exists" in capsys.readouterr().err
+    assert first.read_bytes() == second.read_bytes()
+    assert cli.main(["model", "build", str(tmp_path / "absent" / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a folder" in err

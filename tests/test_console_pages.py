@@ -276,8 +276,6 @@ def _fill(table: Table, **known: Any) -> dict[str, Any]:
 def test_models_page_and_model_filter(client: FlaskClient, users: dict[str, int],
                                       svc: ConsoleServices) -> None:
     tables = svc.queries.models
-    if tables.get("model") is None or tables.get("lease") is None:
-        pytest.skip("this build has no model-protection tables")
     SoftDevice("cam-1", svc.repo, now=svc.now())
     SoftDevice("cam-2", svc.repo, now=svc.now())
     model, lease = tables.get("model"), tables.get("lease")

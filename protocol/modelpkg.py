@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from protocol.encoding import JsonValue, b64encode, canonical_bytes, decode_object
 from protocol.errors import MalformedInputError, MessageError, SignatureError, VerificationError
 from protocol.messages import KID_RE, NAME_RE, Fields, sign_bytes, verify_bytes
+from protocol.outbuf import output_buffer
 
 __all__ = [
     "CIPHER",
@@ -550,7 +551,9 @@ def decrypt_package(package: BytesLike, manifest: Manifest, data_key: bytes, *,
     decryption (``threaded_hash=None`` chooses: threaded for more than 4 chunks).
 
     ``out``: an optional preallocated buffer of exactly ``plaintext_size`` bytes to decrypt into
-    (the agent may keep one, page-locked, across lock/unlock cycles); by default a new ``bytearray``.
+    (the agent may keep one, page-locked, across lock/unlock cycles); by default a new ``bytearray``
+    (:func:`protocol.outbuf.output_buffer`: large ones are not zero-filled first, and are paged in
+    on a second thread while decryption fills their beginning).
     On any failure the buffer is zeroed before the error is raised: no partial plaintext survives.
     """
     if len(data_key) != KEY_SIZE:
@@ -564,8 +567,9 @@ def decrypt_package(package: BytesLike, manifest: Manifest, data_key: bytes, *,
     if len(view) - manifest.data_offset != manifest.ciphertext_size:
         raise PackageFormatError("package length does not match its manifest (truncated or extended)")
     size, cs, count = manifest.plaintext_size, manifest.chunk_size, manifest.chunk_count
-    if out is None:
-        out = bytearray(size)
+    prefault = None
+    if out is None:  # contents undefined until written: every byte is decrypted into, or zeroed
+        out, prefault = output_buffer(size)
     elif len(out) != size:
         raise PackageFormatError(f"output buffer of {len(out)} bytes; the model has {size}")
     dst = memoryview(out)
@@ -598,6 +602,9 @@ def decrypt_package(package: BytesLike, manifest: Manifest, data_key: bytes, *,
         hasher.digest()
         _zero(dst)
         raise
+    finally:
+        if prefault is not None:
+            prefault.stop()
     if failed is not None:
         _zero(dst)
         dst.release()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import struct
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firmware_sim.testmodel import classifier_io_signature, small_classifier
+from protocol import modelpkg, outbuf
 from protocol.encoding import b64encode, canonical_bytes
 from protocol.errors import MalformedInputError, SignatureError, VerificationError
 from protocol.messages import key_id, sign_bytes
@@ -437,3 +440,47 @@ def test_fuzz_read_manifest_on_arbitrary_bytes_after_magic(junk: bytes) -> None:
     for data in (junk, MAGIC + junk, MAGIC + b"\x00\x01" + junk):
         with pytest.raises(ModelPackageError):
             read_manifest(data, trusted_keys=TRUSTED)
+
+
+# ---- large packages: the output buffer without zero-fill, paged in on a second thread --------------
+BIG = os.urandom(9 << 20) + MODEL  # above outbuf.MIN_SIZE, not a multiple of the chunk size
+
+
+def test_large_package_round_trips_through_an_unzeroed_prefaulted_buffer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[bytearray, outbuf.Prefaulter | None]] = []
+
+    def spy(size: int) -> tuple[bytearray, outbuf.Prefaulter | None]:
+        made.append(outbuf.output_buffer(size))
+        return made[-1]
+
+    monkeypatch.setattr(modelpkg, "output_buffer", spy)
+    pkg = make(BIG, chunk_size=1 << 20, package_id=None)
+    manifest = read_manifest(pkg, trusted_keys=TRUSTED)
+    plain = decrypt_package(pkg, manifest, DATA_KEY)
+    assert isinstance(plain, bytearray) and plain == BIG
+    (buffer, prefault), = made
+    assert buffer is plain and len(buffer) == len(BIG)
+    if sys.platform.startswith("linux") and sys.implementation.name == "cpython":
+        assert prefault is not None  # the large path was taken here
+    assert outbuf.output_buffer(outbuf.MIN_SIZE - 1) == (bytearray(outbuf.MIN_SIZE - 1), None)
+
+
+def test_large_package_failing_late_leaves_its_fresh_buffer_zeroed(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[bytearray] = []
+
+    def spy(size: int) -> tuple[bytearray, outbuf.Prefaulter | None]:
+        buffer, prefault = outbuf.output_buffer(size)
+        made.append(buffer)
+        return buffer, prefault
+
+    monkeypatch.setattr(modelpkg, "output_buffer", spy)
+    manifest_json, records = split(make(BIG, chunk_size=1 << 20))
+    last = bytearray(records[-1])
+    last[0] ^= 1  # the last chunk tampered with: every chunk before it decrypts first
+    pkg = assemble(manifest_json, [*records[:-1], bytes(last)])
+    manifest = read_manifest(pkg, trusted_keys=TRUSTED)
+    with pytest.raises(ChunkAuthenticationError, match="chunk 9 of 10"):
+        decrypt_package(pkg, manifest, DATA_KEY)
+    (buffer,) = made
+    assert buffer == bytearray(len(BIG))  # the nine decrypted chunks (and the rest) are zeroed

@@ -20,7 +20,8 @@
 * ``monitor_us_per_query_mean`` - the extraction monitor's CPU time per single-row query, its
   vectorised batch passes and Shapiro-Wilk tests included;
 * ``model_decrypt_gb_per_s`` - :func:`decrypt_package` on a ~100 MB package (every GCM tag, the key
-  check and the plaintext SHA-256 on the overlapped thread), into a fresh buffer, best of rounds;
+  check and the plaintext SHA-256 on the overlapped thread), into a fresh buffer (its own default:
+  :func:`protocol.outbuf.output_buffer`), best of rounds;
 * ``model_decrypt_reused_buffer_gb_per_s`` - the same into a buffer allocated (and paged in) once;
 * ``model_read_manifest_gb_per_s`` - :func:`read_manifest` (signature + ciphertext SHA-256);
 * ``buffer_alloc_gb_per_s`` - ``bytearray(size)`` alone: allocating and paging in a fresh buffer,

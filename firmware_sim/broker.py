@@ -1,10 +1,20 @@
 """Lifecycle of one Mosquitto broker for the fleet: config, ACL, start on a free port, stop, restart.
 
-The broker has a single TLS listener on loopback that requires a client certificate issued by the
-fleet CA and uses the certificate's CN as the MQTT username (``use_identity_as_username``).  The
-ACL (see :data:`ACL`) gives ``fleet-server`` the whole ``fleet/v1/#`` tree and every other identity
-only its own ``up`` (write) and ``down`` (read) subtrees; :mod:`protocol.topics` documents the
-layout.  ``max_packet_size`` makes the broker disconnect a client that sends a larger packet, so
+The broker has a TLS listener on loopback that requires a client certificate issued by the fleet
+CA and uses the certificate's CN as the MQTT username (``use_identity_as_username``).  The ACL (see
+:data:`ACL`) gives ``fleet-server`` the whole ``fleet/v1/#`` tree and every other identity only its
+own ``up`` (write) and ``down`` (read) subtrees; :mod:`protocol.topics` documents the layout.
+
+With ``server_ca_cert`` (what ``fleet-server init`` sets up, and the harness and demo use) there are
+two listeners: the **device listener** (:attr:`MosquittoBroker.port`) additionally replaces each
+client's MQTT client id with its username (``use_username_as_clientid``), so a device cannot take
+over another client's session by connecting with that client's id (MQTT gives a client id to one
+connection at a time: the older one is disconnected); the **server listener**
+(:attr:`MosquittoBroker.server_port`) accepts only certificates of the separate server-clients CA,
+so that the server's workers, which share one identity, can keep client ids of their own, and no
+device can reach a listener where it could choose one.
+
+``max_packet_size`` makes the broker disconnect a client that sends a larger packet, so
 oversized messages are never delivered.  Persistence is off: sessions and queued messages do not
 survive a restart, which is what clients expect (they re-subscribe on every connect).
 
@@ -122,9 +132,13 @@ class MosquittoBroker:
 
     def __init__(self, folder: Path, ca_cert: Path, server_cert: Path, server_key: Path, *,
                  host: str = "127.0.0.1", max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
-                 max_inflight_messages: int = 100, max_queued_messages: int = 10000) -> None:
+                 max_inflight_messages: int = 100, max_queued_messages: int = 10000,
+                 server_ca_cert: Path | None = None) -> None:
         self.folder = Path(folder)
         self.ca_cert = Path(ca_cert)
+        self.server_ca_cert = None if server_ca_cert is None else Path(server_ca_cert)
+        """CA of the fleet server's client certificates: set, the broker has a separate server
+        listener (:attr:`server_port`) and device client ids are their usernames (module docstring)."""
         self.server_cert = Path(server_cert)
         self.server_key = Path(server_key)
         self.host = host
@@ -132,7 +146,10 @@ class MosquittoBroker:
         self.max_inflight_messages = max_inflight_messages
         self.max_queued_messages = max_queued_messages
         self.port: int | None = None
-        self._last_port: int | None = None
+        """The (device) listener's port while the broker runs."""
+        self.server_port: int | None = None
+        """The server listener's port while the broker runs (only with ``server_ca_cert``)."""
+        self._last_ports: tuple[int, int | None] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -143,6 +160,15 @@ class MosquittoBroker:
         return cls(folder, fleet_pki.ca_cert, fleet_pki.broker_cert, fleet_pki.broker_key,
                    max_packet_size=max_packet_size, max_inflight_messages=max_inflight_messages,
                    max_queued_messages=max_queued_messages)
+
+    @classmethod
+    def for_data_dir(cls, folder: Path, data_dir: Path, *,
+                     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> MosquittoBroker:
+        """A broker with the files ``fleet-server init --data-dir data_dir`` made: the fleet CA for
+        devices, the broker's certificate, and the server-clients CA for the server listener."""
+        pki_dir = Path(data_dir) / "pki"
+        return cls(folder, pki_dir / "fleet-ca.pem", pki_dir / "broker.pem", pki_dir / "broker.key",
+                   max_packet_size=max_packet_size, server_ca_cert=pki_dir / "server-clients-ca.pem")
 
     # -- files -------------------------------------------------------------------------------------
     @property
@@ -161,9 +187,10 @@ class MosquittoBroker:
     def stderr_path(self) -> Path:
         return self.folder / "stderr.log"
 
-    def config_text(self, port: int) -> str:
-        """The ``mosquitto.conf`` this broker runs with on ``port``."""
-        for p in (self.ca_cert, self.server_cert, self.server_key):
+    def config_text(self, port: int, server_port: int | None = None) -> str:
+        """The ``mosquitto.conf`` this broker runs with on ``port`` (and ``server_port``, the server
+        listener, with ``server_ca_cert``)."""
+        for p in (self.ca_cert, self.server_cert, self.server_key, *filter(None, [self.server_ca_cert])):
             if not p.is_file():
                 raise ConfigError(f"broker TLS file missing: {p}")
         lines = [
@@ -187,23 +214,27 @@ class MosquittoBroker:
             f"max_queued_messages {int(self.max_queued_messages)}",
             "set_tcp_nodelay true",
             "",
-            f"listener {int(port)} {self.host}",
-            "protocol mqtt",
-            f"cafile {_check_path(self.ca_cert)}",
-            f"certfile {_check_path(self.server_cert)}",
-            f"keyfile {_check_path(self.server_key)}",
-            "tls_version tlsv1.2",
-            "require_certificate true",
-            "use_identity_as_username true",
-            "",
+            *self._listener(port, self.ca_cert, devices_only=self.server_ca_cert is not None),
         ]
+        if self.server_ca_cert is not None:
+            if server_port is None:
+                raise ConfigError("the server listener needs a port")
+            lines += self._listener(server_port, self.server_ca_cert, devices_only=False)
         return "\n".join(lines)
 
-    def _write_files(self, port: int) -> None:
+    def _listener(self, port: int, client_ca: Path, *, devices_only: bool) -> list[str]:
+        lines = [f"listener {int(port)} {self.host}", "protocol mqtt", f"cafile {_check_path(client_ca)}",
+                 f"certfile {_check_path(self.server_cert)}", f"keyfile {_check_path(self.server_key)}",
+                 "tls_version tlsv1.2", "require_certificate true", "use_identity_as_username true"]
+        if devices_only:  # a device cannot choose its client id (the module docstring says why)
+            lines.append("use_username_as_clientid true")
+        return [*lines, ""]
+
+    def _write_files(self, port: int, server_port: int | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
         self.acl_path.write_text(ACL)
-        self.conf_path.write_text(self.config_text(port))
+        self.conf_path.write_text(self.config_text(port, server_port))
 
     def _output_lines(self, log_mark: int = 0) -> list[str]:
         lines: list[str] = []
@@ -251,9 +282,10 @@ class MosquittoBroker:
             raise ProcessError("mosquitto is not running")
         return f"mqtts://{self.host}:{self.port}"
 
-    def _launch(self, port: int, *, timeout: float) -> subprocess.Popen[bytes]:
-        """Start mosquitto on ``port`` and wait until it has bound its listener, or raise."""
-        self._write_files(port)
+    def _launch(self, port: int, server_port: int | None, *, timeout: float) -> subprocess.Popen[bytes]:
+        """Start mosquitto on ``port`` (and ``server_port``) and wait until it has bound its
+        listeners, or raise."""
+        self._write_files(port, server_port)
         mark = self._log_mark()
         with open(self.stderr_path, "wb") as err:
             try:
@@ -290,14 +322,19 @@ class MosquittoBroker:
         last: ProcessError | None = None
         for _ in range(attempts):
             port = free_port(self.host)
+            server_port = None
+            if self.server_ca_cert is not None:
+                while (server_port := free_port(self.host)) == port:
+                    pass
             try:
-                self._proc = self._launch(port, timeout=timeout)
+                self._proc = self._launch(port, server_port, timeout=timeout)
             except ProcessError as exc:
                 if "not installed" in str(exc):
                     raise
                 last = exc
                 continue
-            self.port = self._last_port = port
+            self.port, self.server_port = port, server_port
+            self._last_ports = (port, server_port)
             return
         detail = last.diagnostics() if last else ""
         raise ProcessError(f"mosquitto did not start after {attempts} attempts: {detail}")
@@ -306,30 +343,31 @@ class MosquittoBroker:
         """Stop the process (SIGTERM, then SIGKILL) and reap it; idempotent."""
         proc, self._proc = self._proc, None
         stop_process(proc)
-        self.port = None
+        self.port = self.server_port = None
 
     def restart(self, *, attempts: int = 50, timeout: float = 10.0) -> None:
-        """Stop and start again on the same port, so that connected clients can reconnect to it.
+        """Stop and start again on the same ports, so that connected clients can reconnect to them.
 
-        The port is briefly free between stop and start; if it cannot be bound again (another
-        process took it) this raises :class:`ProcessError` after ``attempts`` tries.
+        The ports are briefly free between stop and start; if they cannot be bound again (another
+        process took one) this raises :class:`ProcessError` after ``attempts`` tries.
         """
-        port = self.port or self._last_port
+        ports = self._last_ports
         self.stop()
-        if port is None:
+        if ports is None:
             self.start(timeout=timeout)
             return
+        port, server_port = ports
         last: ProcessError | None = None
         for _ in range(attempts):
             try:
-                self._proc = self._launch(port, timeout=timeout)
+                self._proc = self._launch(port, server_port, timeout=timeout)
             except ProcessError as exc:
                 if "not installed" in str(exc):
                     raise
                 last = exc
                 time.sleep(0.1)
                 continue
-            self.port = self._last_port = port
+            self.port, self.server_port = port, server_port
             return
         detail = last.diagnostics() if last else ""
         raise ProcessError(f"mosquitto could not restart on port {port}: {detail}")

@@ -484,17 +484,16 @@ class FleetHarness:
                  "fleet-server init")
 
     def _start_broker(self) -> None:
-        pki = self.data_dir / "pki"
-        self.broker = MosquittoBroker(self._path("broker"), pki / "fleet-ca.pem", pki / "broker.pem",
-                                      pki / "broker.key")
+        self.broker = MosquittoBroker.for_data_dir(self._path("broker"), self.data_dir)
         self.broker.start()
-        self._progress(f"mosquitto on port {self.broker.port}")
+        self._progress(f"mosquitto on ports {self.broker.port} (devices) and {self.broker.server_port} "
+                       "(fleet server)")
 
     def _write_server_config(self) -> None:
         from fleet_server.config import load_config
 
         cfg = self.config
-        assert self.broker is not None and self.broker.port is not None
+        assert self.broker is not None and self.broker.server_port is not None
         if cfg.console_port is not None:
             self._console_port = cfg.console_port or free_port()
         lines = [
@@ -511,7 +510,7 @@ class FleetHarness:
         lines += [
             "[mqtt]",
             'host = "127.0.0.1"',
-            f"port = {self.broker.port}",
+            f"port = {self.broker.server_port}",
             "[attestation]",
             f"interval = {float(cfg.interval)!r}",
             f"jitter = {float(cfg.effective_jitter)!r}",

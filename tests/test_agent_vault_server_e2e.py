@@ -47,12 +47,10 @@ def data_dir(tmp_path: Path, manufacturer_ca: ManufacturerCA, capsys: pytest.Cap
 
 @pytest.fixture
 def broker(tmp_path: Path, data_dir: Path) -> Iterator[MosquittoBroker]:
-    pki = data_dir / "pki"
-    mosquitto = MosquittoBroker(tmp_path / "mosquitto", pki / "fleet-ca.pem", pki / "broker.pem",
-                                pki / "broker.key")
+    mosquitto = MosquittoBroker.for_data_dir(tmp_path / "mosquitto", data_dir)
     mosquitto.start()
     config = data_dir / "server.toml"
-    config.write_text(config.read_text().replace("port = 8883", f"port = {mosquitto.port}"))
+    config.write_text(config.read_text().replace("port = 8884", f"port = {mosquitto.server_port}"))
     try:
         yield mosquitto
     finally:

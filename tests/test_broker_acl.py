@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,12 @@ import firmware_sim.broker as broker_mod
 from firmware_sim.broker import ACL, BrokerPki, MosquittoBroker
 from protocol import topics
 from protocol.errors import ProcessError, TransportError
-from protocol.mqtt import InboundMessage, MqttClient
+from protocol.mqtt import InboundMessage, MqttClient, TlsFiles
 from protocol.topics import Subtree
 
 pytest.register_assert_rewrite("mqtt_fixtures")  # before the import below, which loads it first
 from mqtt_fixtures import (  # noqa: E402
+    FAST_BACKOFF,
     WAIT,
     ClientFactory,
     Credentials,
@@ -290,3 +292,105 @@ def test_oversized_message_is_refused_by_the_broker(server: MqttClient, make_cli
     marker = topics.device_up("dev-a", "marker")
     device.publish(marker, b"").wait(WAIT)
     assert [m.topic for m in _until_marker(server, marker)] == [marker]
+
+
+# --------------------------------------------------------------------------------------------------
+# the broker `fleet-server init` sets up: device and server listeners, client ids bound to identities
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def init_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[MosquittoBroker, Path]]:
+    from fleet_server.cli import main as fleet_server
+
+    data_dir = tmp_path / "server"
+    assert fleet_server(["init", "--data-dir", str(data_dir)]) == 0
+    capsys.readouterr()
+    broker = MosquittoBroker.for_data_dir(tmp_path / "mosquitto", data_dir)
+    broker.start()
+    try:
+        yield broker, data_dir
+    finally:
+        broker.stop()
+
+
+def _device_tls(data_dir: Path, folder: Path, device_id: str) -> TlsFiles:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fleet_server import pki
+
+    ca = pki.load_ca_files(data_dir / "pki/fleet-ca.pem", data_dir / "pki/fleet-ca.key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki.sign_device_csr(ca, pki.make_device_csr(key, device_id), device_id, now=time.time())
+    cert_path, key_path = pki.write_credential(folder, device_id,
+                                               pki.IssuedCredential(cert, pki.private_key_pem(key)))
+    return TlsFiles(data_dir / "pki/fleet-ca.pem", cert_path, key_path)
+
+
+def _client(broker: MosquittoBroker, port: int | None, tls: TlsFiles, client_id: str,
+            *subscriptions: str) -> MqttClient:
+    assert port is not None
+    return MqttClient("127.0.0.1", port, tls, client_id=client_id, subscriptions=subscriptions,
+                      backoff=FAST_BACKOFF).start()
+
+
+def test_a_device_cannot_take_over_another_clients_session_by_its_client_id(
+        init_broker: tuple[MosquittoBroker, Path], tmp_path: Path) -> None:
+    broker, data_dir = init_broker
+    server_tls = TlsFiles(data_dir / "pki/fleet-ca.pem", data_dir / "pki/fleet-server.pem",
+                          data_dir / "pki/fleet-server.key")
+    victim_tls = _device_tls(data_dir, tmp_path / "creds", "dev-victim")
+    attacker_tls = _device_tls(data_dir, tmp_path / "creds", "dev-attacker")
+    server = _client(broker, broker.server_port, server_tls, "fleet-server-test-0")
+    victim = _client(broker, broker.port, victim_tls, "dev-victim", topics.device_down_filter("dev-victim"))
+    clients = [server, victim]
+    try:
+        server.wait_connected(WAIT)
+        victim.wait_connected(WAIT)
+        # The attacker, with a valid certificate of its own, connects under the victim's client id
+        # (and then under the server's): without use_username_as_clientid the broker would close the
+        # victim's connection ("already connected, closing old connection"), again at every retry.
+        for stolen in ("dev-victim", "fleet-server-test-0"):
+            attacker = _client(broker, broker.port, attacker_tls, stolen)
+            clients.append(attacker)
+            attacker.wait_connected(WAIT)
+        marker = topics.device_down("dev-victim", "marker")
+        server.publish(marker, b"still here").wait(WAIT)
+        got = victim.receive(WAIT)
+        assert got is not None and got.topic == marker
+        assert victim.stats().disconnects == 0 and server.stats().disconnects == 0
+        assert victim.connected and server.connected
+        log = broker.log_path.read_text()
+        assert "Client dev-victim already connected" not in log
+        assert "Client fleet-server-test-0 already connected" not in log
+        # (the attacker's second connection did replace its first: both were dev-attacker)
+        assert "Client dev-attacker already connected, closing old connection" in log
+        assert " as dev-attacker " in log  # the broker used the certificate's name as its client id
+
+        # A device certificate does not get through the server listener at all (other CA).
+        outcome = probe_connect(broker.server_port or 0, data_dir / "pki/fleet-ca.pem",
+                                victim_tls.cert, victim_tls.key)
+        assert outcome.startswith("rejected"), outcome
+        # ... while the server's own certificate is refused on the device listener's CA check too.
+        assert probe_connect(broker.port or 0, data_dir / "pki/fleet-ca.pem", server_tls.cert,
+                             server_tls.key).startswith("rejected")
+    finally:
+        for client in clients:
+            client.stop()
+
+
+def test_server_workers_keep_their_own_client_ids_on_the_server_listener(
+        init_broker: tuple[MosquittoBroker, Path]) -> None:
+    broker, data_dir = init_broker
+    tls = TlsFiles(data_dir / "pki/fleet-ca.pem", data_dir / "pki/fleet-server.pem",
+                   data_dir / "pki/fleet-server.key")
+    workers = [_client(broker, broker.server_port, tls, f"fleet-server-w{i}") for i in range(2)]
+    try:
+        for worker in workers:
+            worker.wait_connected(WAIT)
+        # Both stay connected: they share the identity fleet-server but not a client id.
+        workers[0].publish(topics.device_down("dev-x", "probe"), b"x").wait(WAIT)
+        assert all(w.connected and w.stats().disconnects == 0 for w in workers)
+        log = broker.log_path.read_text()
+        assert " as fleet-server-w0 " in log and " as fleet-server-w1 " in log
+    finally:
+        for worker in workers:
+            worker.stop()

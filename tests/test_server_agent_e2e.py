@@ -41,12 +41,10 @@ def data_dir(tmp_path: Path, manufacturer_ca: ManufacturerCA, capsys: pytest.Cap
 @pytest.fixture
 def broker(tmp_path: Path, data_dir: Path) -> Iterator[MosquittoBroker]:
     """Mosquitto with the certificates `fleet-server init` made; server.toml is pointed at its port."""
-    pki = data_dir / "pki"
-    mosquitto = MosquittoBroker(tmp_path / "mosquitto", pki / "fleet-ca.pem", pki / "broker.pem",
-                                pki / "broker.key")
+    mosquitto = MosquittoBroker.for_data_dir(tmp_path / "mosquitto", data_dir)
     mosquitto.start()
     config = data_dir / "server.toml"
-    text = config.read_text().replace("port = 8883", f"port = {mosquitto.port}")
+    text = config.read_text().replace("port = 8884", f"port = {mosquitto.server_port}")
     text = text.replace("interval = 300.0", "interval = 20.0").replace("jitter = 30.0", "jitter = 2.0")
     config.write_text(text)
     try:

@@ -24,7 +24,7 @@ from fleet_server.keys import load_public_key, load_signing_key
 from fleet_server.storage.db import create_engine
 from fleet_server.storage.models import DeviceState
 from fleet_server.storage.repo import NewDevice, Repository
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, EdgeError
 from protocol.messages import EnrollResult, Revocation, decode_signed
 
 pytest_plugins = ("mqtt_fixtures", "server_fixtures")
@@ -44,7 +44,8 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 @pytest.fixture
 def data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     folder = tmp_path / "srv"
-    status, out, _ = _run(capsys, "init", "--data-dir", str(folder), "--mqtt-port", "18883")
+    status, out, _ = _run(capsys, "init", "--data-dir", str(folder), "--mqtt-port", "18883",
+                          "--server-mqtt-port", "18884")
     assert status == 0, out
     return folder
 
@@ -55,10 +56,10 @@ def config(data_dir: Path) -> str:
 
 
 def test_init_creates_private_files_0600(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    private = ["pki/fleet-ca.key", "pki/broker.key", "pki/fleet-server.key", "keys/result-signing.key",
-               "server.toml", "fleet.db"]
-    public = ["pki/fleet-ca.pem", "pki/broker.pem", "pki/fleet-server.pem", "keys/result-signing.pub.pem",
-              "broker/acl", "broker/mosquitto.conf"]
+    private = ["pki/fleet-ca.key", "pki/server-clients-ca.key", "pki/broker.key", "pki/fleet-server.key",
+               "keys/result-signing.key", "server.toml", "fleet.db"]
+    public = ["pki/fleet-ca.pem", "pki/server-clients-ca.pem", "pki/broker.pem", "pki/fleet-server.pem",
+              "keys/result-signing.pub.pem", "broker/acl", "broker/mosquitto.conf"]
     assert _mode(data_dir) == 0o700
     for sub in ("pki", "keys", "trust", "logs", "broker"):
         assert _mode(data_dir / sub) == 0o700
@@ -67,13 +68,25 @@ def test_init_creates_private_files_0600(data_dir: Path, capsys: pytest.CaptureF
     for name in public:
         assert _mode(data_dir / name) == 0o644, name
     config = load_config(data_dir / "server.toml")
-    assert config.mqtt.port == 18883 and config.database_url == f"sqlite:///{data_dir / 'fleet.db'}"
+    # The workers use the broker's server listener; devices the other one.
+    assert config.mqtt.port == 18884 and config.database_url == f"sqlite:///{data_dir / 'fleet.db'}"
     signer = load_signing_key(config.signing_key)
     assert load_public_key(data_dir / "keys/result-signing.pub.pem") == signer.public_key
     ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
+    server_ca = pki.load_ca_files(data_dir / "pki/server-clients-ca.pem",
+                                  data_dir / "pki/server-clients-ca.key")
     server_cert = (data_dir / "pki/fleet-server.pem").read_bytes()
-    assert pki.verify_client_cert(ca.cert_pem, server_cert, now=time.time()) == "fleet-server"
-    assert "use_identity_as_username true" in (data_dir / "broker/mosquitto.conf").read_text()
+    # The server's client certificate comes from the server-clients CA, never from the fleet CA that
+    # devices' certificates come from: the broker's server listener admits no device.
+    assert pki.verify_client_cert(server_ca.cert_pem, server_cert, now=time.time()) == "fleet-server"
+    with pytest.raises(EdgeError):
+        pki.verify_client_cert(ca.cert_pem, server_cert, now=time.time())
+    conf = (data_dir / "broker/mosquitto.conf").read_text()
+    device_listener, server_listener = conf.split("listener 18883\n")[1].split("listener 18884\n")
+    assert "use_identity_as_username true" in device_listener
+    assert "use_username_as_clientid true" in device_listener
+    assert "fleet-ca.pem" in device_listener and "server-clients-ca.pem" in server_listener
+    assert "use_username_as_clientid" not in server_listener
     # No key material in the configuration.
     assert b"PRIVATE KEY" not in (data_dir / "server.toml").read_bytes()
 

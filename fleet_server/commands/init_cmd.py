@@ -69,7 +69,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace existing keys and certificates (agents must be re-provisioned)")
     parser.add_argument("--mqtt-host", default="127.0.0.1", help="broker host the workers connect to")
-    parser.add_argument("--mqtt-port", type=int, default=8883, help="broker TLS port (default 8883)")
+    parser.add_argument("--mqtt-port", type=int, default=8883,
+                        help="the broker's device listener, TLS (default 8883)")
+    parser.add_argument("--server-mqtt-port", type=int, default=8884,
+                        help="the broker's listener for the fleet server's workers, TLS (default 8884)")
     parser.add_argument("--broker-name", action="append", default=[], metavar="DNS",
                         help="extra DNS name of the broker certificate (repeatable; localhost is always in)")
     parser.add_argument("--broker-ip", action="append", default=[], metavar="IP",
@@ -96,6 +99,8 @@ def _init(args: argparse.Namespace) -> int:
     force: bool = args.force
     if not 1 <= args.mqtt_port <= 65535:
         raise ConfigError("--mqtt-port must be between 1 and 65535")
+    if not 1 <= args.server_mqtt_port <= 65535 or args.server_mqtt_port == args.mqtt_port:
+        raise ConfigError("--server-mqtt-port must be between 1 and 65535 and differ from --mqtt-port")
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     lines: list[str] = []
@@ -115,12 +120,26 @@ def _init(args: argparse.Namespace) -> int:
         lines.append(_line("kept fleet CA", ca_cert))
         new_ca = False
 
-    # Broker and server credentials (re-issued whenever the CA is new).
-    for name, issue in (("broker", lambda: pki.issue_broker_cert(ca, now=now, dns_names=args.broker_name,
-                                                                  ip_addresses=args.broker_ip)),
-                        ("fleet-server", lambda: pki.issue_server_client_cert(ca, now=now))):
+    # The server-clients CA: it issues only the fleet server's MQTT client certificate, so the
+    # broker's server listener accepts no device (see _write_broker_files).
+    sc_cert, sc_key = data_dir / cfg.SERVER_CLIENTS_CA_CERT, data_dir / cfg.SERVER_CLIENTS_CA_KEY
+    if force or not (sc_cert.exists() and sc_key.exists()):
+        server_ca = pki.create_ca(now=now, common_name="Edge Fleet Server Clients CA")
+        pki.save_ca(server_ca, sc_cert, sc_key)
+        lines.append(_line("created server-clients CA", sc_cert))
+        new_server_ca = True
+    else:
+        server_ca = pki.load_ca_files(sc_cert, sc_key)
+        lines.append(_line("kept server-clients CA", sc_cert))
+        new_server_ca = False
+
+    # Broker and server credentials (re-issued whenever their CA is new).
+    for name, issue, renew in (
+            ("broker", lambda: pki.issue_broker_cert(ca, now=now, dns_names=args.broker_name,
+                                                     ip_addresses=args.broker_ip), new_ca),
+            ("fleet-server", lambda: pki.issue_server_client_cert(server_ca, now=now), new_server_ca)):
         cert, key = data_dir / cfg.PKI_DIR / f"{name}.pem", data_dir / cfg.PKI_DIR / f"{name}.key"
-        if force or new_ca or not (cert.exists() and key.exists()):
+        if force or renew or not (cert.exists() and key.exists()):
             pki.write_credential(data_dir / cfg.PKI_DIR, name, issue())
             lines.append(_line(f"created {name} certificate", cert))
         else:
@@ -153,13 +172,13 @@ def _init(args: argparse.Namespace) -> int:
         lines.append(_line("no trust bundle yet", f"put TPM manufacturer CA certificates in {bundle}"))
 
     # Broker configuration for the operator.
-    _write_broker_files(data_dir, args.mqtt_port)
+    _write_broker_files(data_dir, args.mqtt_port, args.server_mqtt_port)
 
     # Configuration.
     config_path = data_dir / cfg.DEFAULT_CONFIG_NAME
     database_url = args.database_url
     if force or not config_path.exists():
-        text = cfg.render_config(data_dir=data_dir, mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port,
+        text = cfg.render_config(data_dir=data_dir, mqtt_host=args.mqtt_host, mqtt_port=args.server_mqtt_port,
                                  database_url=database_url, workers=args.workers)
         cfg.parse_config(tomllib.loads(text), base=data_dir)  # what we write must load
         pki.write_private_key(config_path, text.encode())  # 0600: may hold a DB password
@@ -209,9 +228,21 @@ def _model_keys(data_dir: Path, force: bool) -> list[str]:
     return lines
 
 
-def _write_broker_files(data_dir: Path, port: int) -> None:
+def _write_broker_files(data_dir: Path, port: int, server_port: int) -> None:
+    """``broker/mosquitto.conf`` and ``broker/acl``: two listeners. On the device listener a client's
+    MQTT client id is its certificate's CN (``use_username_as_clientid``), so no device can take over
+    another's session by connecting with its client id; the server listener accepts only
+    certificates of the server-clients CA (the workers share one CN and need client ids of their own).
+    """
     broker = data_dir / "broker"
     pki.write_certificate(broker / "acl", BROKER_ACL.encode())  # public, 0644
+
+    def listener(listen: int, client_ca: str, *extra: str) -> list[str]:
+        return [f"listener {listen}", "protocol mqtt", f"cafile {data_dir / client_ca}",
+                f"certfile {data_dir / cfg.BROKER_CERT}", f"keyfile {data_dir / cfg.BROKER_KEY}",
+                "tls_version tlsv1.2", "require_certificate true", "use_identity_as_username true",
+                *extra, ""]
+
     conf = "\n".join([
         "# Mosquitto configuration for this fleet (written by `fleet-server init`).",
         "per_listener_settings false",
@@ -223,15 +254,10 @@ def _write_broker_files(data_dir: Path, port: int) -> None:
         "max_queued_messages 10000",
         "set_tcp_nodelay true",
         "",
-        f"listener {port}",
-        "protocol mqtt",
-        f"cafile {data_dir / cfg.FLEET_CA_CERT}",
-        f"certfile {data_dir / cfg.PKI_DIR / 'broker.pem'}",
-        f"keyfile {data_dir / cfg.PKI_DIR / 'broker.key'}",
-        "tls_version tlsv1.2",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "",
+        "# Devices (claim and device certificates of the fleet CA).",
+        *listener(port, cfg.FLEET_CA_CERT, "use_username_as_clientid true"),
+        "# The fleet server's workers (server-clients CA only).",
+        *listener(server_port, cfg.SERVER_CLIENTS_CA_CERT),
     ])
     pki.write_certificate(broker / "mosquitto.conf", conf.encode())
 

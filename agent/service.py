@@ -76,6 +76,10 @@ most this often: an atomic, durable rewrite costs about a millisecond of CPU, mo
 attestation on the device.  Any other change (phase, connection, verdict, reasons, error) is written
 at once."""
 _VOLATILE_STATUS = ("counters", "trusted_until")
+STATUS_CHECK_INTERVAL = 1.0
+"""Without a message handled, the main loop compares the status with the file at most this often
+(building the status costs more than the rest of an idle poll; changes made by other threads reach
+the file at most this much later)."""
 WORKER_IDLE_WAIT = 5.0
 """Seconds the attestation worker waits for a challenge before re-checking the stop flag."""
 EVIDENCE_ACK_TIMEOUT = 30.0
@@ -446,6 +450,9 @@ class Agent:
         seen_connects = 0
         hello_sent = False
         was_connected = False
+        status_checked = 0.0
+        # A challenge changes only counters (volatile: written at most every STATUS_MIN_INTERVAL).
+        challenge_topic = topics.device_down(device_id, "challenge")
         while not self._stop.is_set():
             connected = client.connected
             connects = client.stats().connects
@@ -460,12 +467,15 @@ class Agent:
                     seen_connects = connects
             elif was_connected and not connected:
                 self._log.warning("disconnected", error=client.last_error)
-            was_connected = connected
+            link_changed, was_connected = connected != was_connected, connected
             inbound = client.receive(POLL)
             if inbound is not None:
                 self._handle(channel, inbound)
             self._reap_publishes()
-            self._write_status()
+            if (inbound is not None and inbound.topic != challenge_topic) or link_changed \
+                    or time.monotonic() - status_checked >= STATUS_CHECK_INTERVAL:
+                self._write_status()
+                status_checked = time.monotonic()
 
     def _send_hello(self, client: MqttClient, reason: str) -> None:
         request = AttestRequest(reason=reason, agent_version=self._version)

@@ -131,7 +131,9 @@ class FleetConfig:
     batch_size: int | None = None
     server_workers: int = 1
     agent_processes: int | None = None
-    """Agent host processes; default one per 16 devices, at most one per CPU."""
+    """Agent host processes; default one per 16 devices, at most two per CPU (each host runs its
+    agents' threads under one GIL: with one host per CPU, contention for it costs more CPU than a
+    few more processes do; measured in docs/harness.md)."""
     server_log_level: str = "info"
     agent_log_level: str = "warning"
     settle_timeout: float | None = None
@@ -231,7 +233,7 @@ class FleetConfig:
     def effective_agent_processes(self) -> int:
         if self.agent_processes is not None:
             return min(self.agent_processes, self.devices)
-        return max(1, min(os.cpu_count() or 1, math.ceil(self.devices / 16), self.devices))
+        return max(1, min(2 * (os.cpu_count() or 1), math.ceil(self.devices / 16), self.devices))
 
     @property
     def effective_settle_timeout(self) -> float:

@@ -57,7 +57,7 @@ def register(sub: Any) -> None:
     p.add_argument("--server-workers", type=int, default=1, metavar="N",
                    help="worker processes of the fleet server (default 1)")
     p.add_argument("--agent-processes", type=int, metavar="N",
-                   help="processes hosting the agents (default one per 16 devices, at most one per CPU)")
+                   help="processes hosting the agents (default one per 16 devices, at most two per CPU)")
     p.add_argument("--settle-timeout", type=float, metavar="S",
                    help="how long devices may take to be attested once (default 60 + 0.5 per device)")
     p.add_argument("--server-log-level", default="info", choices=("debug", "info", "warning", "error"))

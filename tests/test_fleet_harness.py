@@ -233,7 +233,7 @@ def test_config_defaults_follow_the_interval_and_fleet_size() -> None:
     assert cfg.effective_tick == pytest.approx(0.1)
     assert FleetConfig(devices=4, interval=2).effective_tick == pytest.approx(0.5)
     assert FleetConfig(devices=4, interval=60).effective_tick == 1.0
-    assert 1 <= cfg.effective_agent_processes <= (os.cpu_count() or 1)
+    assert 1 <= cfg.effective_agent_processes <= 2 * (os.cpu_count() or 1)
     assert FleetConfig(devices=3).effective_agent_processes == 1
     assert FleetConfig(devices=10, agent_processes=50).effective_agent_processes == 10
     for bad in (dict(devices=0), dict(tampered=-1), dict(interval=0.0), dict(duration=0.0),

@@ -29,8 +29,8 @@ import os
 
 from firmware_sim.fleet import FleetConfig, measure
 
-DEVICES = int(os.environ.get("FLEET_BENCH_DEVICES", "160"))
-INTERVAL = float(os.environ.get("FLEET_BENCH_INTERVAL", "0.5"))
+DEVICES = int(os.environ.get("FLEET_BENCH_DEVICES", "140"))
+INTERVAL = float(os.environ.get("FLEET_BENCH_INTERVAL", "0.3"))
 DURATION = float(os.environ.get("FLEET_BENCH_DURATION", "30"))
 
 

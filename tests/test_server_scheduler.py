@@ -15,7 +15,7 @@ from fleet_server.service import admin
 from fleet_server.service.common import Counters, ManualClock
 from fleet_server.service.context import ServiceContext
 from fleet_server.service.processor import Processor
-from fleet_server.service.scheduler import EXPIRY_GRACE_MS, RoundResult, Scheduler
+from fleet_server.service.scheduler import EXPIRE_PERIOD_MS, EXPIRY_GRACE_MS, RoundResult, Scheduler
 from fleet_server.storage.db import create_engine
 from fleet_server.storage.models import DeviceState
 from fleet_server.storage.repo import NewDevice, Repository
@@ -175,3 +175,22 @@ def test_quarantined_device_stays_quarantined_when_missing_challenges(
         _miss_one(scheduler, repo, clock, "cam-31")
     record = repo.device("cam-31")
     assert record is not None and record.state == "quarantined" and record.missed_challenges == 3
+
+
+
+def test_expiry_runs_at_most_once_per_expire_period_whatever_the_tick(
+        ctx: ServiceContext, repo: Repository, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler = Scheduler(ctx, repo, Counters())
+    calls: list[int] = []
+    real = scheduler._expire
+
+    def counted(now: int) -> tuple[int, list[str]]:
+        calls.append(now)
+        return real(now)
+
+    monkeypatch.setattr(scheduler, "_expire", counted)
+    start = clock.now_ms()
+    for _ in range(30):  # rounds every 100 ms for 3 s
+        scheduler.run_once()
+        clock.advance(100)
+    assert [t - start for t in calls] == [0, EXPIRE_PERIOD_MS, 2 * EXPIRE_PERIOD_MS]

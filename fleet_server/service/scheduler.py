@@ -18,7 +18,9 @@ Every worker runs :meth:`Scheduler.run_once` once per ``attestation.scheduler_ti
    received before the deadline may still be in a worker's batch), count one miss per expired
    challenge, and move devices that reached ``missed_challenges_limit`` consecutive misses to
    ``unreachable`` (a quarantined device stays quarantined: the hold must not be lost). The next good
-   evidence resets the count and brings the device back.
+   evidence resets the count and brings the device back. Expiry (and the model-lease sweep in the
+   same transaction) runs at most every :data:`EXPIRE_PERIOD_MS`: deadlines are seconds long, and
+   with a short ``scheduler_tick`` its fixed cost per round would otherwise add up.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ EXPIRY_GRACE_MS = 5_000
 """Open challenges are expired this long after their deadline (in-flight evidence is still judged
 against the deadline itself)."""
 EXPIRE_BATCH = 1000
+EXPIRE_PERIOD_MS = 1000
+"""Rounds expire challenges (and sweep model leases) at most this often."""
 SPREAD_BATCH = 10_000
 UNREACHABLE_FROM = frozenset({DeviceState.ENROLLED, DeviceState.TRUSTED, DeviceState.UNTRUSTED})
 
@@ -69,13 +73,18 @@ class Scheduler:
         tick_ms = round(settings.scheduler_tick * 1000)
         self.overdue_after_ms = (overdue_after_ms if overdue_after_ms is not None
                                  else max(10_000, 5 * tick_ms, settings.challenge_timeout_ms))
+        self._expired_at: int | None = None
 
     def run_once(self) -> tuple[RoundResult, list[Outgoing]]:
         """One round: claim and challenge due devices, expire missed challenges. Returns the signed
         challenges to publish (after the commit)."""
         now = self.ctx.clock.now_ms()
         challenged, spread, outgoing = self._challenge_due(now)
-        expired, unreachable = self._expire(now)
+        expired: int = 0
+        unreachable: list[str] = []
+        if self._expired_at is None or now - self._expired_at >= EXPIRE_PERIOD_MS:
+            expired, unreachable = self._expire(now)
+            self._expired_at = now
         return RoundResult(challenged, spread, expired, tuple(unreachable)), outgoing
 
     # -- due devices -------------------------------------------------------------------------------

@@ -316,3 +316,17 @@ def test_config_file_errors(tmp_path: Path) -> None:
     assert config.data_dir == tmp_path / "data"
     assert config.signing_key == tmp_path / "data/keys/result-signing.key"
     assert tomllib.loads(bad.read_text())  # sanity
+
+
+def test_init_warns_when_a_kept_configuration_points_the_workers_at_the_device_listener(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = data_dir / "server.toml"
+    config.write_text(config.read_text().replace("port = 18884", "port = 18883"))  # an older layout
+    status, out, _ = _run(capsys, "init", "--data-dir", str(data_dir), "--mqtt-port", "18883",
+                          "--server-mqtt-port", "18884")
+    assert status == 0
+    assert "WARNING" in out and "mqtt.port 18883 is the device listener" in out and "18884" in out
+    config.write_text(config.read_text().replace("port = 18883", "port = 18884"))
+    status, out, _ = _run(capsys, "init", "--data-dir", str(data_dir), "--mqtt-port", "18883",
+                          "--server-mqtt-port", "18884")
+    assert status == 0 and "WARNING" not in out

@@ -186,6 +186,10 @@ def _init(args: argparse.Namespace) -> int:
     else:
         lines.append(_line("kept configuration", f"{config_path}"))
     config = cfg.load_config(config_path)
+    if config.mqtt.port == args.mqtt_port:  # a server.toml kept from before the broker had two listeners
+        lines.append(_line("WARNING", f"{config_path}: mqtt.port {config.mqtt.port} is the device listener; "
+                                      f"the workers must use the server listener: set it to "
+                                      f"{args.server_mqtt_port}"))
 
     # Database.
     url = config.database_url or default_database_url(data_dir)

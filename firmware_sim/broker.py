@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -133,8 +134,10 @@ class MosquittoBroker:
     def __init__(self, folder: Path, ca_cert: Path, server_cert: Path, server_key: Path, *,
                  host: str = "127.0.0.1", max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
                  max_inflight_messages: int = 100, max_queued_messages: int = 10000,
-                 server_ca_cert: Path | None = None) -> None:
+                 server_ca_cert: Path | None = None, crl_file: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.crl_file = None if crl_file is None else Path(crl_file)
+        """The device listener's ``crlfile`` (revoked device certificates; re-read by :meth:`reload`)."""
         self.ca_cert = Path(ca_cert)
         self.server_ca_cert = None if server_ca_cert is None else Path(server_ca_cert)
         """CA of the fleet server's client certificates: set, the broker has a separate server
@@ -168,7 +171,8 @@ class MosquittoBroker:
         devices, the broker's certificate, and the server-clients CA for the server listener."""
         pki_dir = Path(data_dir) / "pki"
         return cls(folder, pki_dir / "fleet-ca.pem", pki_dir / "broker.pem", pki_dir / "broker.key",
-                   max_packet_size=max_packet_size, server_ca_cert=pki_dir / "server-clients-ca.pem")
+                   max_packet_size=max_packet_size, server_ca_cert=pki_dir / "server-clients-ca.pem",
+                   crl_file=pki_dir / "fleet-ca.crl.pem")
 
     # -- files -------------------------------------------------------------------------------------
     @property
@@ -190,7 +194,8 @@ class MosquittoBroker:
     def config_text(self, port: int, server_port: int | None = None) -> str:
         """The ``mosquitto.conf`` this broker runs with on ``port`` (and ``server_port``, the server
         listener, with ``server_ca_cert``)."""
-        for p in (self.ca_cert, self.server_cert, self.server_key, *filter(None, [self.server_ca_cert])):
+        for p in (self.ca_cert, self.server_cert, self.server_key,
+                  *filter(None, [self.server_ca_cert, self.crl_file])):
             if not p.is_file():
                 raise ConfigError(f"broker TLS file missing: {p}")
         lines = [
@@ -228,6 +233,8 @@ class MosquittoBroker:
                  "tls_version tlsv1.2", "require_certificate true", "use_identity_as_username true"]
         if devices_only:  # a device cannot choose its client id (the module docstring says why)
             lines.append("use_username_as_clientid true")
+        if client_ca == self.ca_cert and self.crl_file is not None:
+            lines.append(f"crlfile {_check_path(self.crl_file)}")
         return [*lines, ""]
 
     def _write_files(self, port: int, server_port: int | None) -> None:
@@ -338,6 +345,13 @@ class MosquittoBroker:
             return
         detail = last.diagnostics() if last else ""
         raise ProcessError(f"mosquitto did not start after {attempts} attempts: {detail}")
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its configuration, certificates and CRL (open connections stay)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise ProcessError("mosquitto is not running")
+        proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         """Stop the process (SIGTERM, then SIGKILL) and reap it; idempotent."""

@@ -109,6 +109,7 @@ TRUST_DIR = "trust"
 LOGS_DIR = "logs"
 FLEET_CA_CERT = f"{PKI_DIR}/fleet-ca.pem"
 FLEET_CA_KEY = f"{PKI_DIR}/fleet-ca.key"
+FLEET_CA_CRL = f"{PKI_DIR}/fleet-ca.crl.pem"
 BROKER_CERT = f"{PKI_DIR}/broker.pem"
 BROKER_KEY = f"{PKI_DIR}/broker.key"
 SERVER_CLIENTS_CA_CERT = f"{PKI_DIR}/server-clients-ca.pem"
@@ -302,6 +303,8 @@ class ServerConfig:
     signing_key: Path = Path(SIGNING_KEY)
     fleet_ca_cert: Path = Path(FLEET_CA_CERT)
     fleet_ca_key: Path = Path(FLEET_CA_KEY)
+    fleet_ca_crl: Path = Path(FLEET_CA_CRL)
+    """The CRL of revoked device certificates the broker's device listener loads (``crlfile``)."""
     trust_bundle: Path = Path(TRUST_BUNDLE)
     batch_size: int = 64
     batch_linger: float = 0.02
@@ -414,6 +417,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     signing_key = server.path("signing_key", Path(SIGNING_KEY), data_dir)
     fleet_ca_cert = server.path("fleet_ca_cert", Path(FLEET_CA_CERT), data_dir)
     fleet_ca_key = server.path("fleet_ca_key", Path(FLEET_CA_KEY), data_dir)
+    fleet_ca_crl = server.path("fleet_ca_crl", Path(FLEET_CA_CRL), data_dir)
     trust_bundle = server.path("trust_bundle", Path(TRUST_BUNDLE), data_dir)
     batch_size = server.integer("batch_size", 64, lo=1, hi=10_000)
     batch_linger = server.number("batch_linger", 0.02, lo=0.0, hi=1.0)
@@ -470,7 +474,8 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     root.done()
     return ServerConfig(data_dir=data_dir, database_url=database_url, workers=workers, log_level=log_level,
                         log_file=log_file, signing_key=signing_key, fleet_ca_cert=fleet_ca_cert,
-                        fleet_ca_key=fleet_ca_key, trust_bundle=trust_bundle, batch_size=batch_size,
+                        fleet_ca_key=fleet_ca_key, fleet_ca_crl=fleet_ca_crl, trust_bundle=trust_bundle,
+                        batch_size=batch_size,
                         batch_linger=batch_linger, cache_devices=cache_devices,
                         mqtt=mqtt, attestation=attestation, retention=retention, console=console,
                         models=models, alerts=alerts, source=source)
@@ -599,6 +604,7 @@ def render_config(*, data_dir: Path, mqtt_host: str, mqtt_port: int, database_ur
         f'signing_key = "{SIGNING_KEY}"',
         f'fleet_ca_cert = "{FLEET_CA_CERT}"',
         f'fleet_ca_key = "{FLEET_CA_KEY}"',
+        f'fleet_ca_crl = "{FLEET_CA_CRL}"',
         f'trust_bundle = "{TRUST_BUNDLE}"',
         "",
         "[mqtt]",

@@ -26,7 +26,7 @@ import ipaddress
 import os
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,9 @@ SERVER_VALIDITY = dt.timedelta(days=825)
 CLAIM_VALIDITY = dt.timedelta(days=30)
 DEVICE_VALIDITY = dt.timedelta(days=365)
 CLOCK_SKEW = dt.timedelta(minutes=5)
+CRL_VALIDITY = dt.timedelta(days=30)
+"""How long a CRL is current (``nextUpdate``): it is re-issued on every revocation and approval, and
+must be re-issued (``fleet-server device crl``) before then: OpenSSL refuses an expired CRL."""
 """Certificates start this long before ``now`` so that peers with slightly late clocks accept them."""
 
 IDENTITY_URI_PREFIX = "urn:edge-fleet:identity:"
@@ -356,6 +359,24 @@ def make_device_csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, device_
 
 
 # -- verifying -------------------------------------------------------------------------------------
+def build_crl(ca: FleetCA, serials: Iterable[str], *, now: float,
+              validity: dt.timedelta = CRL_VALIDITY) -> bytes:
+    """A PEM CRL signed by the fleet CA listing the certificates with these serial numbers (hex)."""
+    start = _utc(now)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca.cert.subject)
+               .last_update(start - CLOCK_SKEW)
+               .next_update(start + validity))
+    for serial in sorted(set(serials)):
+        try:
+            number = int(serial, 16)
+        except ValueError:
+            raise ConfigError(f"not a certificate serial number: {serial[:80]!r}") from None
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(number).revocation_date(start).build())
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
 def verify_client_cert(ca_cert_pem: bytes, cert_pem: bytes, *, now: float) -> str:
     """Check that ``cert_pem`` was issued by the fleet CA for TLS client use and is valid at ``now``.
 

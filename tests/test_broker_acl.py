@@ -394,3 +394,24 @@ def test_server_workers_keep_their_own_client_ids_on_the_server_listener(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_revoked_device_certificate_is_refused_once_the_broker_reloads_the_crl(
+        init_broker: tuple[MosquittoBroker, Path], tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from fleet_server import pki
+
+    broker, data_dir = init_broker
+    revoked = _device_tls(data_dir, tmp_path / "creds", "dev-stolen")
+    other = _device_tls(data_dir, tmp_path / "creds", "dev-fine")
+    ca_pem = data_dir / "pki/fleet-ca.pem"
+    assert probe_connect(broker.port or 0, ca_pem, revoked.cert, revoked.key) == "accepted"
+    serial = format(x509.load_pem_x509_certificate(revoked.cert.read_bytes()).serial_number, "x")
+    ca = pki.load_ca_files(ca_pem, data_dir / "pki/fleet-ca.key")
+    # What `fleet-server device revoke` writes, then what `systemctl reload mosquitto` does.
+    pki.write_certificate(data_dir / "pki/fleet-ca.crl.pem", pki.build_crl(ca, [serial], now=time.time()))
+    broker.reload()
+    wait_until(lambda: "revoked" in probe_connect(broker.port or 0, ca_pem, revoked.cert, revoked.key),
+               what="the broker to refuse the revoked certificate")
+    assert probe_connect(broker.port or 0, ca_pem, other.cert, other.key) == "accepted"

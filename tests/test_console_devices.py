@@ -306,7 +306,9 @@ def test_revoke_quarantine_reattest(client: FlaskClient, users: dict[str, int], 
                            ("admin", "device.quarantine", "device:cam-1"),
                            ("admin", "device.revoke", "device:cam-1")]
     revoke_entry = svc.audit.entries(limit=1, action="device.revoke")[0].details_dict()
+    crl = revoke_entry.pop("crl")  # the broker's CRL was rewritten, and the audit entry says how
     assert revoke_entry == {"from": "quarantined", "to": "revoked", "messages": 1, "reason": "stolen"}
+    assert isinstance(crl, str) and crl.startswith("CRL ") and "fleet-ca.crl.pem" in crl
 
     # Refused actions say why (409) and change nothing.
     again = client.post("/devices/cam-1/revoke", data={"csrf_token": csrf})

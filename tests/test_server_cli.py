@@ -215,6 +215,12 @@ def test_device_approve_revoke_quarantine(
     assert status == 0 and "enrolled -> quarantined" in out
     status, out, _ = _run(capsys, "device", "revoke", "cam-9", "--reason", "stolen", "--config", config)
     assert status == 0 and "quarantined -> revoked" in out
+    # The broker's CRL now lists the device's certificate, signed by the fleet CA.
+    assert "lists 1 revoked certificate(s)" in out
+    crl = x509.load_pem_x509_crl((data_dir / "pki/fleet-ca.crl.pem").read_bytes())
+    ca = pki.load_ca_files(data_dir / "pki/fleet-ca.pem", data_dir / "pki/fleet-ca.key")
+    assert crl.is_signature_valid(ca.key.public_key())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None and len(crl) == 1
     notices = [decode_signed(r.payload, keys=keys, aud="cam-9").message for r in repo.outbox()[1:]]
     assert [(n.state, n.reasons) for n in notices if isinstance(n, Revocation)] == \
         [("quarantined", ("odd traffic",)), ("revoked", ("stolen",))]
@@ -230,6 +236,12 @@ def test_device_approve_revoke_quarantine(
     # A revoked device comes back only by approval.
     status, out, _ = _run(capsys, "device", "approve", "cam-9", "--config", config)
     assert status == 0 and "revoked -> enrolled" in out
+    assert "lists 0 revoked certificate(s)" in out  # re-admitted: off the list again
+    assert len(x509.load_pem_x509_crl((data_dir / "pki/fleet-ca.crl.pem").read_bytes())) == 0
+    status, out, _ = _run(capsys, "device", "crl", "--out", str(data_dir / "copy.crl.pem"),
+                          "--config", config)
+    assert status == 0 and "0 revoked certificate(s), valid 30 days" in out
+    assert len(x509.load_pem_x509_crl((data_dir / "copy.crl.pem").read_bytes())) == 0
     repo.engine.dispose()
 
 
@@ -330,3 +342,16 @@ def test_init_warns_when_a_kept_configuration_points_the_workers_at_the_device_l
     status, out, _ = _run(capsys, "init", "--data-dir", str(data_dir), "--mqtt-port", "18883",
                           "--server-mqtt-port", "18884")
     assert status == 0 and "WARNING" not in out
+
+
+def test_revoke_succeeds_and_says_so_when_the_crl_cannot_be_written(
+        data_dir: Path, config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _pending_device(config, "cam-8")
+    assert _run(capsys, "device", "approve", "cam-8", "--config", config)[0] == 0
+    key = data_dir / "pki/fleet-ca.key"
+    key.rename(data_dir / "offline-ca.key")  # the CA key kept off this host
+    status, out, err = _run(capsys, "device", "revoke", "cam-8", "--config", config)
+    assert status == 0 and "enrolled -> revoked" in out and err == ""
+    assert "WARNING: the CRL" in out and "fleet-server device crl" in out
+    status, _, err = _run(capsys, "device", "crl", "--config", config)
+    assert status == 1 and err.count("\n") == 1 and "Traceback" not in err

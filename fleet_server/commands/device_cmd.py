@@ -35,6 +35,7 @@ from fleet_server.service.cliutil import (
     table,
 )
 from fleet_server.service.context import load_trust_bundle_file
+from fleet_server.service.crl import refresh_crl, write_crl
 from fleet_server.storage.models import DeviceState
 from fleet_server.storage.repo import DeviceRecord, Repository
 from protocol.errors import ConfigError
@@ -75,6 +76,15 @@ def register(subparsers: Any) -> None:
     quarantine.add_argument("--reason", default="", help="why (recorded and sent to the device)")
     add_config_argument(quarantine)
     quarantine.set_defaults(handler=_quarantine)
+
+    crl = sub.add_parser("crl", help="write the CRL of revoked device certificates (for the broker)",
+                         description="Sign the list of revoked devices' certificates with the fleet CA and "
+                                     "write it where the broker's device listener reads it (crlfile); "
+                                     "reload the broker (SIGHUP) afterwards. Run it at least every "
+                                     "30 days: the CRL expires.")
+    crl.add_argument("--out", type=Path, metavar="FILE", help="write here (default server.fleet_ca_crl)")
+    add_config_argument(crl)
+    crl.set_defaults(handler=_crl)
 
     prereg = sub.add_parser("preregister", help="pre-register an EK certificate for automatic admission")
     prereg.add_argument("ek_cert", type=Path, metavar="EKCERT_FILE", help="EK certificate (PEM or DER)")
@@ -176,9 +186,10 @@ def _approve(args: argparse.Namespace) -> int:
     with repository(config) as repo:
         result = admin.approve_device(repo, device_id, signer=signer, fleet_ca=ca, now=now_ms())
         _audit(repo, "device.approve", result)
+        crl_line = refresh_crl(repo, config, now=now_ms() / 1000)
     cert = f", certificate serial {result.cert_serial}" if result.cert_serial else ""
     return emit([f"device {device_id}: {result.from_state} -> {result.to_state}{cert}; "
-                 f"{result.messages} message(s) queued for the workers"])
+                 f"{result.messages} message(s) queued for the workers", crl_line])
 
 
 def _revoke(args: argparse.Namespace) -> int:
@@ -188,7 +199,9 @@ def _revoke(args: argparse.Namespace) -> int:
     with repository(config) as repo:
         result = admin.revoke_device(repo, device_id, signer=signer, now=now_ms(), reason=args.reason)
         _audit(repo, "device.revoke", result, reason=args.reason)
-    return emit([f"device {device_id}: {result.from_state} -> {result.to_state}; signed revocation queued"])
+        crl_line = refresh_crl(repo, config, now=now_ms() / 1000)
+    return emit([f"device {device_id}: {result.from_state} -> {result.to_state}; signed revocation queued",
+                 crl_line])
 
 
 def _quarantine(args: argparse.Namespace) -> int:
@@ -199,6 +212,14 @@ def _quarantine(args: argparse.Namespace) -> int:
         result = admin.quarantine_device(repo, device_id, signer=signer, now=now_ms(), reason=args.reason)
         _audit(repo, "device.quarantine", result, reason=args.reason)
     return emit([f"device {device_id}: {result.from_state} -> {result.to_state}; signed revocation queued"])
+
+
+def _crl(args: argparse.Namespace) -> int:
+    config = load(args)
+    with repository(config) as repo:
+        written = write_crl(repo, config, now=now_ms() / 1000, path=args.out)
+    return emit([f"CRL {written.path}: {written.revoked} revoked certificate(s), valid "
+                 f"{pki.CRL_VALIDITY.days} days; reload the broker (SIGHUP) to apply it"])
 
 
 def _preregister(args: argparse.Namespace) -> int:

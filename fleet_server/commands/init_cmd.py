@@ -145,6 +145,12 @@ def _init(args: argparse.Namespace) -> int:
         else:
             lines.append(_line(f"kept {name} certificate", cert))
 
+    # The CRL of revoked device certificates (the broker's device listener needs the file to start).
+    crl_path = data_dir / cfg.FLEET_CA_CRL
+    if force or new_ca or not crl_path.exists():
+        pki.write_certificate(crl_path, pki.build_crl(ca, [], now=now))
+        lines.append(_line("created device CRL", f"{crl_path} (empty; `device crl` renews it)"))
+
     # Result-signing key.
     signing = data_dir / cfg.SIGNING_KEY
     if force or not signing.exists():
@@ -259,7 +265,8 @@ def _write_broker_files(data_dir: Path, port: int, server_port: int) -> None:
         "set_tcp_nodelay true",
         "",
         "# Devices (claim and device certificates of the fleet CA).",
-        *listener(port, cfg.FLEET_CA_CERT, "use_username_as_clientid true"),
+        *listener(port, cfg.FLEET_CA_CERT, "use_username_as_clientid true",
+                  f"crlfile {data_dir / cfg.FLEET_CA_CRL}"),
         "# The fleet server's workers (server-clients CA only).",
         *listener(server_port, cfg.SERVER_CLIENTS_CA_CERT),
     ])

@@ -483,6 +483,8 @@ def _device_action(device_id: str, action: str, run: Callable[[ConsoleServices, 
         transition: admin.StateTransition = run(svc, principal, found.id)
     except admin.AdminError as exc:
         fail(409, exc.diagnostics())
+    if action in ("approve", "revoke"):
+        details = {**details, "crl": svc.refresh_crl()}
     svc.record(principal, f"device.{action}", f"device:{found.id}",
                {"from": transition.from_state, "to": transition.to_state, "messages": transition.messages,
                 **details, **({"cert_serial": transition.cert_serial} if action == "approve" else {})})

@@ -181,6 +181,8 @@ def _reason() -> str:
 
 def _done(svc: ConsoleServices, principal: Principal, action: str, transition: admin.StateTransition,
           **details: object) -> BaseResponse:
+    if action in ("approve", "revoke"):
+        details = {**details, "crl": svc.refresh_crl()}
     svc.record(principal, f"device.{action}", f"device:{transition.device_id}",
                {"from": transition.from_state, "to": transition.to_state, "messages": transition.messages,
                 **details})

@@ -69,6 +69,13 @@ class ConsoleServices:
                 self._fleet_ca = pki.load_ca_files(self.config.fleet_ca_cert, self.config.fleet_ca_key)
             return self._fleet_ca
 
+    def refresh_crl(self) -> str:
+        """Rewrite the device CRL after a revocation or an approval (:mod:`fleet_server.service.crl`);
+        never raises: the outcome line (a warning when it could not be written) is audited."""
+        from fleet_server.service.crl import refresh_crl
+
+        return refresh_crl(self.repo, self.config, now=self.now() / 1000)
+
     def record(self, principal: Principal, action: str, target: str = "",
                details: Mapping[str, Any] | None = None) -> AuditRecord:
         """Append an audit entry for an action of ``principal``."""

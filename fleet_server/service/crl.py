@@ -1,0 +1,68 @@
+"""The certificate revocation list of device certificates, for the broker's device listener.
+
+Revoking a device (``fleet-server device revoke`` or the console) stops the server from
+challenging it, refuses its evidence and releases it no model key; the CRL makes the broker refuse
+its TLS connection as well. :func:`write_crl` lists the certificate serial of every device in state
+``revoked``, signs the list with the fleet CA, and writes it (atomically, 0644) to
+``server.fleet_ca_crl``, which ``broker/mosquitto.conf`` names as the device listener's ``crlfile``.
+Mosquitto reads it at start and on SIGHUP (``systemctl reload mosquitto``); a connection already
+open stays open until it ends, which the revocation message sent to the device does not wait for.
+
+It is rewritten after every revocation and approval (an approval re-admits a revoked device, whose
+serial then leaves the list), and must be rewritten within ``pki.CRL_VALIDITY`` (30 days) at the
+latest: ``fleet-server device crl`` does it (e.g. from a daily timer), since OpenSSL refuses every
+client certificate once the CRL's ``nextUpdate`` has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet_server import pki
+from fleet_server.config import ServerConfig
+from fleet_server.service.common import log_event
+from fleet_server.storage.models import DeviceState
+from fleet_server.storage.repo import Repository
+from protocol.errors import EdgeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CrlWritten:
+    path: Path
+    revoked: int
+    """Certificates listed."""
+
+
+def revoked_serials(repo: Repository) -> list[str]:
+    """Certificate serials (hex) of the devices in state ``revoked``."""
+    return sorted({d.cert_serial for d in repo.devices(DeviceState.REVOKED) if d.cert_serial})
+
+
+def write_crl(repo: Repository, config: ServerConfig, *, now: float, path: Path | None = None) -> CrlWritten:
+    """Sign and write the CRL (to ``path``, default ``config.fleet_ca_crl``); needs the fleet CA key."""
+    ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
+    serials = revoked_serials(repo)
+    target = path or config.fleet_ca_crl
+    pki.write_certificate(target, pki.build_crl(ca, serials, now=now))
+    return CrlWritten(target, len(serials))
+
+
+def refresh_crl(repo: Repository, config: ServerConfig, *, now: float) -> str:
+    """:func:`write_crl` after a revocation or an approval: a one-line outcome for the operator, never
+    an exception (the state change itself has been made either way)."""
+    try:
+        written = write_crl(repo, config, now=now)
+    except (EdgeError, OSError) as exc:
+        why = exc.diagnostics() if isinstance(exc, EdgeError) else (exc.strerror or str(exc))
+        log_event(log, logging.WARNING, "crl_not_written", path=str(config.fleet_ca_crl), error=why)
+        return (f"WARNING: the CRL {config.fleet_ca_crl} was not rewritten ({why}); "
+                "run `fleet-server device crl` where the fleet CA key is")
+    return (f"CRL {written.path} lists {written.revoked} revoked certificate(s); reload the broker "
+            "(SIGHUP) to apply it")
+
+
+__all__ = ["CrlWritten", "refresh_crl", "revoked_serials", "write_crl"]

@@ -125,8 +125,8 @@ def chromium_available() -> bool:
 @pytest.fixture
 def chromium(tmp_path: Path) -> Iterator[Any]:
     """A Playwright browser context of headless Chromium (a fresh profile), closed afterwards."""
-    if not chromium_available():
-        pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
+    if not chromium_available():  # `make setup` installs it: missing means a broken set-up, not a skip
+        pytest.fail(f"{CHROMIUM} is not installed (Debian package chromium; `make setup` installs it)")
     from playwright.sync_api import sync_playwright
 
     profile = tmp_path / "chromium-profile"

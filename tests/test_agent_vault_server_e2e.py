@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,50 +21,18 @@ from firmware_sim.device import SimulatedDevice
 from firmware_sim.manufacturer import ManufacturerCA
 from firmware_sim.testmodel import small_classifier
 from fleet_server.cli import main as cli
-from fleet_server.config import load_config
 from fleet_server.service.worker import Worker
 
 pytest.register_assert_rewrite("mqtt_fixtures", "agent_fixtures")
 from agent_fixtures import AgentFactory, wait_status  # noqa: E402
 from mqtt_fixtures import WAIT  # noqa: E402
 
-pytest_plugins = ("mqtt_fixtures", "agent_fixtures")
+pytest_plugins = ("mqtt_fixtures", "agent_fixtures", "operator_fixtures")
 pytestmark = [pytest.mark.swtpm, pytest.mark.mqtt, pytest.mark.slow]
 
 DEVICE = "cam-0901"
 TOKEN = "vision-app-token-0123456789"
 ROW = [0.5] * 16
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, manufacturer_ca: ManufacturerCA, capsys: pytest.CaptureFixture[str]) -> Path:
-    folder = tmp_path / "fleet"
-    assert cli(["init", "--data-dir", str(folder), "--trust-bundle", str(manufacturer_ca.bundle)]) == 0
-    capsys.readouterr()
-    return folder
-
-
-@pytest.fixture
-def broker(tmp_path: Path, data_dir: Path) -> Iterator[MosquittoBroker]:
-    mosquitto = MosquittoBroker.for_data_dir(tmp_path / "mosquitto", data_dir)
-    mosquitto.start()
-    config = data_dir / "server.toml"
-    config.write_text(config.read_text().replace("port = 8884", f"port = {mosquitto.server_port}"))
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.stop()
-
-
-@pytest.fixture
-def worker(data_dir: Path, broker: MosquittoBroker) -> Iterator[Worker]:
-    running = Worker(load_config(data_dir / "server.toml")).start()
-    try:
-        running.wait_connected(WAIT)
-        yield running
-    finally:
-        running.stop()
-        running.repo.dispose()
 
 
 def _agent_config(folder: Path, device: SimulatedDevice, claim: Path, broker: MosquittoBroker) -> Path:

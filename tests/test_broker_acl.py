@@ -34,7 +34,7 @@ from mqtt_fixtures import (  # noqa: E402
     wait_until,
 )
 
-pytest_plugins = ("mqtt_fixtures",)
+pytest_plugins = ("mqtt_fixtures", "operator_fixtures")
 pytestmark = pytest.mark.mqtt
 
 NOT_AUTHORIZED = 0x87
@@ -298,31 +298,14 @@ def test_oversized_message_is_refused_by_the_broker(server: MqttClient, make_cli
 # the broker `fleet-server init` sets up: device and server listeners, client ids bound to identities
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture
-def init_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[MosquittoBroker, Path]]:
-    from fleet_server.cli import main as fleet_server
-
-    data_dir = tmp_path / "server"
-    assert fleet_server(["init", "--data-dir", str(data_dir)]) == 0
-    capsys.readouterr()
-    broker = MosquittoBroker.for_data_dir(tmp_path / "mosquitto", data_dir)
-    broker.start()
-    try:
-        yield broker, data_dir
-    finally:
-        broker.stop()
+def init_broker(broker: MosquittoBroker, data_dir: Path) -> tuple[MosquittoBroker, Path]:
+    """The broker `fleet-server init` configures (operator_fixtures), with its data folder."""
+    return broker, data_dir
 
 
 def _device_tls(data_dir: Path, folder: Path, device_id: str) -> TlsFiles:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from fleet_server import pki
-
-    ca = pki.load_ca_files(data_dir / "pki/fleet-ca.pem", data_dir / "pki/fleet-ca.key")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = pki.sign_device_csr(ca, pki.make_device_csr(key, device_id), device_id, now=time.time())
-    cert_path, key_path = pki.write_credential(folder, device_id,
-                                               pki.IssuedCredential(cert, pki.private_key_pem(key)))
-    return TlsFiles(data_dir / "pki/fleet-ca.pem", cert_path, key_path)
+    """A device certificate from the fleet CA `fleet-server init` made (its pki/ is a BrokerPki)."""
+    return Credentials(folder, BrokerPki(data_dir / "pki")).device(device_id)
 
 
 def _client(broker: MosquittoBroker, port: int | None, tls: TlsFiles, client_id: str,

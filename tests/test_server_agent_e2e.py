@@ -7,7 +7,6 @@ reboot is trusted again without any admin action."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,51 +16,24 @@ from firmware_sim.broker import MosquittoBroker
 from firmware_sim.device import SimulatedDevice
 from firmware_sim.manufacturer import ManufacturerCA
 from fleet_server.cli import main as cli
-from fleet_server.config import load_config
 from fleet_server.service.worker import Worker
 
 pytest.register_assert_rewrite("mqtt_fixtures", "agent_fixtures")
 from agent_fixtures import AgentFactory, wait_status  # noqa: E402
-from mqtt_fixtures import WAIT  # noqa: E402
 
-pytest_plugins = ("mqtt_fixtures", "agent_fixtures")
+pytest_plugins = ("mqtt_fixtures", "agent_fixtures", "operator_fixtures")
 pytestmark = [pytest.mark.swtpm, pytest.mark.mqtt, pytest.mark.slow]
 
 DEVICE = "cam-0777"
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path, manufacturer_ca: ManufacturerCA, capsys: pytest.CaptureFixture[str]) -> Path:
-    folder = tmp_path / "fleet"
-    assert cli(["init", "--data-dir", str(folder), "--trust-bundle", str(manufacturer_ca.bundle)]) == 0
-    capsys.readouterr()
-    return folder
-
-
-@pytest.fixture
-def broker(tmp_path: Path, data_dir: Path) -> Iterator[MosquittoBroker]:
-    """Mosquitto with the certificates `fleet-server init` made; server.toml is pointed at its port."""
-    mosquitto = MosquittoBroker.for_data_dir(tmp_path / "mosquitto", data_dir)
-    mosquitto.start()
+def broker(broker: MosquittoBroker, data_dir: Path) -> MosquittoBroker:
+    """The operator's broker, with a 20 s re-attestation interval in server.toml (before the worker)."""
     config = data_dir / "server.toml"
-    text = config.read_text().replace("port = 8884", f"port = {mosquitto.server_port}")
-    text = text.replace("interval = 300.0", "interval = 20.0").replace("jitter = 30.0", "jitter = 2.0")
-    config.write_text(text)
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.stop()
-
-
-@pytest.fixture
-def worker(data_dir: Path, broker: MosquittoBroker) -> Iterator[Worker]:
-    running = Worker(load_config(data_dir / "server.toml")).start()
-    try:
-        running.wait_connected(WAIT)
-        yield running
-    finally:
-        running.stop()
-        running.repo.dispose()
+    text = config.read_text().replace("interval = 300.0", "interval = 20.0")
+    config.write_text(text.replace("jitter = 30.0", "jitter = 2.0"))
+    return broker
 
 
 def _agent_config(folder: Path, device: SimulatedDevice, claim: Path, broker: MosquittoBroker) -> Path:

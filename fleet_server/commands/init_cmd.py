@@ -32,6 +32,7 @@ from typing import Any
 
 from fleet_server import config as cfg
 from fleet_server import pki
+from fleet_server.brokerconf import ACL, listener_lines
 from fleet_server.enrollment.ekcert import load_trust_bundle
 from fleet_server.keys import (
     create_model_signing_key,
@@ -45,18 +46,9 @@ from fleet_server.modelstore.kek import create_kek_file, read_kek_file
 from fleet_server.service.cliutil import emit
 from fleet_server.storage.db import create_engine, default_database_url, is_sqlite
 from protocol.errors import ConfigError
-from protocol.topics import PREFIX, SERVER_IDENTITY, Direction, Subtree
 
-BROKER_ACL = (
-    "# The fleet's Mosquitto ACL: %u is the client certificate's CN (use_identity_as_username).\n"
-    f"user {SERVER_IDENTITY}\n"
-    f"topic readwrite {PREFIX}/#\n"
-    "\n"
-    f"pattern write {PREFIX}/{Subtree.DEVICES}/%u/{Direction.UP}/#\n"
-    f"pattern read {PREFIX}/{Subtree.DEVICES}/%u/{Direction.DOWN}/#\n"
-    f"pattern write {PREFIX}/{Subtree.ENROLL}/%u/{Direction.UP}/#\n"
-    f"pattern read {PREFIX}/{Subtree.ENROLL}/%u/{Direction.DOWN}/#\n"
-)
+BROKER_ACL = ACL
+"""The ACL ``init`` writes (:data:`fleet_server.brokerconf.ACL`)."""
 
 
 def register(subparsers: Any) -> None:
@@ -247,12 +239,6 @@ def _write_broker_files(data_dir: Path, port: int, server_port: int) -> None:
     broker = data_dir / "broker"
     pki.write_certificate(broker / "acl", BROKER_ACL.encode())  # public, 0644
 
-    def listener(listen: int, client_ca: str, *extra: str) -> list[str]:
-        return [f"listener {listen}", "protocol mqtt", f"cafile {data_dir / client_ca}",
-                f"certfile {data_dir / cfg.BROKER_CERT}", f"keyfile {data_dir / cfg.BROKER_KEY}",
-                "tls_version tlsv1.2", "require_certificate true", "use_identity_as_username true",
-                *extra, ""]
-
     conf = "\n".join([
         "# Mosquitto configuration for this fleet (written by `fleet-server init`).",
         "per_listener_settings false",
@@ -265,10 +251,11 @@ def _write_broker_files(data_dir: Path, port: int, server_port: int) -> None:
         "set_tcp_nodelay true",
         "",
         "# Devices (claim and device certificates of the fleet CA).",
-        *listener(port, cfg.FLEET_CA_CERT, "use_username_as_clientid true",
-                  f"crlfile {data_dir / cfg.FLEET_CA_CRL}"),
+        *listener_lines(str(port), client_ca=data_dir / cfg.FLEET_CA_CERT, cert=data_dir / cfg.BROKER_CERT,
+                        key=data_dir / cfg.BROKER_KEY, devices=True, crl=data_dir / cfg.FLEET_CA_CRL),
         "# The fleet server's workers (server-clients CA only).",
-        *listener(server_port, cfg.SERVER_CLIENTS_CA_CERT),
+        *listener_lines(str(server_port), client_ca=data_dir / cfg.SERVER_CLIENTS_CA_CERT,
+                        cert=data_dir / cfg.BROKER_CERT, key=data_dir / cfg.BROKER_KEY, devices=False),
     ])
     pki.write_certificate(broker / "mosquitto.conf", conf.encode())
 

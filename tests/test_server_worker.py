@@ -143,7 +143,12 @@ def test_enrollment_approval_attestation_and_revocation_over_mqtt(
     notice = inbox.next(Revocation)
     assert (notice.state, notice.reasons) == ("revoked", ("decommissioned",))
     wait_until(lambda: not repo.outbox(), what="revocation marked sent")
-    worker.flush_counters()
+
+    def flushed_sent() -> int:  # the publisher counts a row just after committing it as sent
+        worker.flush_counters()
+        return repo.counters().get("outbox.sent", 0)
+
+    wait_until(lambda: flushed_sent() >= 2, what="the outbox counters flushed")
     totals = repo.counters()
     assert totals["attestations"] == 1 and totals["verdict.trusted"] == 1 and totals["outbox.sent"] == 2
 

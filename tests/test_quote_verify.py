@@ -550,6 +550,45 @@ def test_cli_sha1_bank_needs_allow_sha1(tools: Tpm2Tools) -> None:
     assert json.loads(res.stdout)["selection"] == {"sha256": [0, 7], "sha1": [0, 7]}
 
 
+EMPTY_NONCE_WARNING = "fleet-server: warning: empty nonce: the quote's freshness is not proven"
+
+
+@pytest.mark.swtpm
+def test_cli_empty_nonce_checks_a_quote_without_qualifying_data(tools: Tpm2Tools) -> None:
+    """A cloud shielded VM's quote: RSA AK, SHA-1 bank, no qualifying data (tpm2_quote without -q)."""
+    tools.make_ak("rsa-ak", "rsa", "rsassa")
+    tools("tpm2_quote", "-c", "rsa-ak.ctx", "-l", "sha1:0,7", "-m", "bare.msg", "-s", "bare.sig",
+          "-o", "bare.pcrs", "-g", "sha256")
+    assert parse_attest((tools.cwd / "bare.msg").read_bytes()).extra_data == b""
+    pcrs = tools.pcr_json("sha1:0,7", "bare.json")
+    # Independent oracle: tpm2_checkquote without -q accepts it.
+    tools("tpm2_checkquote", "-u", "rsa-ak.pub", "-m", "bare.msg", "-s", "bare.sig", "-f", "bare.pcrs",
+          "-g", "sha256")
+    args = ["quote", "verify", "--ak-public", tools.cwd / "rsa-ak.pub", "--message", tools.cwd / "bare.msg",
+            "--signature", tools.cwd / "bare.sig", "--pcrs", pcrs, "--nonce", "", "--allow-sha1"]
+    res = fleet_server(*args)
+    assert res.returncode == 0, res.stderr
+    assert "quote valid: rsassa/sha256 over sha1:0,7" in res.stdout
+    assert res.stderr.splitlines() == [EMPTY_NONCE_WARNING + " (it may be replayed)"]
+    # The verdict still decides the exit code: without --allow-sha1 the SHA-1 bank is refused.
+    refused = fleet_server(*args[:-1])
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[0].startswith(EMPTY_NONCE_WARNING)
+    assert "SHA-1 PCR bank" in refused.stderr.splitlines()[1]
+    # Any nonce given for this quote is wrong.
+    _assert_invalid(fleet_server(*args[:-3], "--nonce", "abcd", "--allow-sha1"), "does not match")
+
+
+@pytest.mark.swtpm
+def test_cli_empty_nonce_refuses_a_quote_with_qualifying_data(evidence: Evidence) -> None:
+    res = fleet_server(*evidence.args(nonce=""), "--json")
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["valid"] is False
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith(EMPTY_NONCE_WARNING) and len(lines) == 2
+    assert "quote has a nonce (extraData of 16 bytes) where none was expected" in lines[1]
+
+
 @pytest.mark.swtpm
 @pytest.mark.parametrize(("key", "scheme"), [("rsa", "rsassa"), ("rsa", "rsapss"), ("ecc", "ecdsa")])
 def test_cli_accepts_each_ak_kind(tools: Tpm2Tools, key: str, scheme: str) -> None:
@@ -568,7 +607,7 @@ def test_cli_usage_errors_exit_2(evidence: Evidence) -> None:
     cases: list[tuple[list[str | Path], str]] = [
         (evidence.args(nonce="xyz"), "not hexadecimal"),
         (evidence.args(nonce="abc"), "not hexadecimal"),
-        (evidence.args(nonce=""), "non-empty"),
+        (evidence.args(nonce="0x"), "hex string"),
         (evidence.args(nonce=None), "required: --nonce"),
         (evidence.args(pcrs=None), "required: --pcrs"),
         (evidence.args(ak_public=None), "required: --ak-public"),

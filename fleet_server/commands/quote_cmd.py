@@ -4,8 +4,12 @@ Inputs are the files tpm2-tools writes: ``tpm2_createak -u`` / ``tpm2_readpublic
 ``tpm2_quote -m`` (TPMS_ATTEST) and ``-s`` (TPMT_SIGNATURE), plus the PCR values as JSON
 ``{"pcrs": {"sha256": {"0": "<hex>"}}}`` and optionally the TCG event log to replay.
 
+``--nonce ''`` checks a quote made without qualifying data (extraData empty), as ``tpm2_checkquote``
+without ``-q`` does, e.g. one taken by a cloud provider's shielded-VM API; a warning on stderr says that
+freshness is then not proven.
+
 Exit codes: 0 the quote is valid, 1 it is not (one line on stderr says why), 2 usage error (missing or
-unreadable file, bad hex nonce, PCR JSON of the wrong shape).
+unreadable file, bad hex nonce, PCR file of the wrong shape).
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ def register(subparsers: Any) -> None:
     verify.add_argument("--signature", required=True, type=Path, metavar="FILE",
                         help="TPMT_SIGNATURE (tpm2_quote -s)")
     verify.add_argument("--nonce", required=True, metavar="HEX",
-                        help="the challenge nonce in hex (tpm2_quote -q)")
+                        help="the challenge nonce in hex (tpm2_quote -q); '' for a quote made without "
+                             "one (extraData empty, as tpm2_checkquote without -q): freshness is then "
+                             "not proven and a warning is printed")
     verify.add_argument("--pcrs", required=True, type=Path, metavar="FILE",
                         help='PCR values, JSON {"pcrs": {"sha256": {"0": "<hex>"}}}; the quote must '
                              "select exactly these PCRs")
@@ -77,13 +83,16 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _parse_nonce(text: str) -> bytes:
+    """Hex nonce; ``''`` (given explicitly) is the empty nonce: the quote's extraData must be empty."""
+    if text == "":
+        return b""
     hex_text = text[2:] if text[:2].lower() == "0x" else text
     try:
         nonce = bytes.fromhex(hex_text)
     except ValueError:
         raise UsageError(f"--nonce is not hexadecimal: {text!r}") from None
     if not nonce or not hex_text.isascii() or any(c.isspace() for c in hex_text):
-        raise UsageError(f"--nonce must be a non-empty hex string: {text!r}")
+        raise UsageError(f"--nonce must be a hex string (or '' for an empty nonce): {text!r}")
     return nonce
 
 
@@ -169,6 +178,10 @@ def _verify_command(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"fleet-server: {exc}", file=sys.stderr)
         return 2
+    if not inputs.nonce:
+        # Still checked (extraData must be empty), but nothing shows the quote is recent: say so.
+        print("fleet-server: warning: empty nonce: the quote's freshness is not proven (it may be replayed)",
+              file=sys.stderr)
     result: dict[str, Any] = {"valid": False, "reason": None}
     try:
         ak = AttestationKey.from_tpm2b_public(inputs.ak_public)

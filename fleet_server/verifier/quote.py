@@ -9,7 +9,8 @@ first failure:
    scheme and hash when the AK fixes one (Part 2, 12.2.3.5/12.2.3.6); SHA-1 refused unless allowed;
 3. the signature verifies over the TPMS_ATTEST bytes exactly as received (``SignatureError``);
 4. ``magic`` is TPM_GENERATED_VALUE and ``type`` is TPM_ST_ATTEST_QUOTE (Part 2, 10.12.12);
-5. ``extraData`` equals the verifier's nonce (constant-time compare);
+5. ``extraData`` equals the verifier's nonce (constant-time compare); an empty ``nonce`` demands an
+   empty extraData (a quote made without qualifying data, which proves no freshness);
 6. the quoted PCR selection equals the expected one and the supplied PCR values cover exactly it;
    SHA-1 banks refused unless allowed;
 7. ``pcrDigest`` equals H(selected PCR values concatenated in selection order: banks in the order of
@@ -284,6 +285,8 @@ def verify_quote(*, ak: AttestationKey, attest: bytes, signature: bytes, nonce: 
         raise QuoteError(f"attestation type 0x{st:04x} is not TPM_ST_ATTEST_QUOTE")
     # extraData is the qualifyingData of TPM2_Quote: the verifier's nonce proves freshness.
     if not hmac.compare_digest(extra, nonce):
+        if not nonce:
+            raise QuoteError(f"quote has a nonce (extraData of {len(extra)} bytes) where none was expected")
         raise QuoteError("quote nonce (extraData) does not match the challenge nonce")
 
     # The quoted selection, in quote order. Empty selections add nothing to the digest and are skipped;

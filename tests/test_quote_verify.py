@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from firmware_sim.bench.quote_bench import AK_ATTRIBUTES, build_quote, sign_ecdsa, software_ak
 from firmware_sim.swtpm import Swtpm
+from fleet_server.commands.quote_cmd import UsageError, load_pcr_file
 from fleet_server.verifier.quote import (
     AttestationKey,
     QuoteInfo,
@@ -363,25 +364,10 @@ class Tpm2Tools:
         return self.cwd / f"{out}.msg", self.cwd / f"{out}.sig"
 
     def pcr_json(self, selection: str, out: str) -> Path:
-        """`tpm2_pcrread` output in the project's JSON form (hex strings kept as text: no YAML ints)."""
+        """`tpm2_pcrread` output as it prints it (YAML), which `--pcrs` reads directly."""
         path = self.cwd / out
-        path.write_text(json.dumps({"pcrs": parse_pcrread(self("tpm2_pcrread", selection))}))
+        path.write_text(self("tpm2_pcrread", selection))
         return path
-
-
-def parse_pcrread(text: str) -> dict[str, dict[str, str]]:
-    """Parse tpm2_pcrread's YAML ("  sha256:" then "    7 : 0x88..."), keeping leading zeros."""
-    out: dict[str, dict[str, str]] = {}
-    bank: str | None = None
-    for line in text.splitlines():
-        if m := re.fullmatch(r"\s*(sha1|sha256|sha384|sha512|sm3_256):\s*", line):
-            bank = m.group(1)
-            out[bank] = {}
-        elif (m := re.fullmatch(r"\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*", line)) and bank is not None:
-            out[bank][str(int(m.group(1)))] = m.group(2).lower()
-        elif line.strip():
-            raise AssertionError(f"unexpected tpm2_pcrread line: {line!r}")
-    return out
 
 
 def fleet_server(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -399,7 +385,7 @@ class Evidence:
             else tools.cwd / f"{ak}.pub"
         self.nonce = secrets.token_hex(16)
         self.msg, self.sig = tools.quote(ak, selection, self.nonce, f"q-{ak}", *quote_args)
-        self.pcrs = tools.pcr_json(selection, f"pcrs-{ak}.json")
+        self.pcrs = tools.pcr_json(selection, f"pcrs-{ak}.yaml")
 
     def args(self, **replace: str | Path | None) -> list[str | Path]:
         opts: dict[str, str | Path | None] = {"--ak-public": self.ak_pub, "--message": self.msg,
@@ -421,8 +407,9 @@ class Evidence:
         return path
 
     def pcr_doc(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.pcrs.read_text())
-        return doc
+        """The PCR values in the JSON form, for tests that change them."""
+        values = load_pcr_file(self.pcrs.read_bytes())
+        return {"pcrs": {bank: {str(i): v.hex() for i, v in pcrs.items()} for bank, pcrs in values.items()}}
 
 
 @pytest.fixture
@@ -560,7 +547,7 @@ def test_cli_empty_nonce_checks_a_quote_without_qualifying_data(tools: Tpm2Tools
     tools("tpm2_quote", "-c", "rsa-ak.ctx", "-l", "sha1:0,7", "-m", "bare.msg", "-s", "bare.sig",
           "-o", "bare.pcrs", "-g", "sha256")
     assert parse_attest((tools.cwd / "bare.msg").read_bytes()).extra_data == b""
-    pcrs = tools.pcr_json("sha1:0,7", "bare.json")
+    pcrs = tools.pcr_json("sha1:0,7", "bare.yaml")
     # Independent oracle: tpm2_checkquote without -q accepts it.
     tools("tpm2_checkquote", "-u", "rsa-ak.pub", "-m", "bare.msg", "-s", "bare.sig", "-f", "bare.pcrs",
           "-g", "sha256")
@@ -600,6 +587,63 @@ def test_cli_accepts_each_ak_kind(tools: Tpm2Tools, key: str, scheme: str) -> No
     sig = ev.sig.read_bytes()
     flipped = ev.write("flip.sig", _flip(sig, len(sig) // 2))
     _assert_invalid(fleet_server(*ev.args(signature=flipped)), "signature does not verify")
+
+
+@pytest.mark.swtpm
+def test_cli_reads_tpm2_tools_pcr_files(tools: Tpm2Tools) -> None:
+    """--pcrs takes tpm2_pcrread's YAML and tpm2_quote -o (serialized) as written, besides JSON."""
+    # 12 values: more than one TPML_DIGEST (8 each) in the serialized file; two banks.
+    selection = "sha256:0,1,2,3,4,5,6,7,8,9,16+sha1:7"
+    ev = Evidence(tools, "ak", selection)
+    assert ev.pcrs.read_text().lstrip().startswith("sha256:")  # as tpm2_pcrread prints it
+    res = fleet_server(*ev.args(), "--json", "--allow-sha1")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["selection"] == {"sha256": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16], "sha1": [7]}
+    # Leading zeros kept: PCR 0 is 32 zero bytes, not the integer 0.
+    assert ev.pcr_doc()["pcrs"]["sha256"]["0"] == "00" * 32
+    serialized = tools.cwd / "q-ak.pcrs"  # tpm2_quote -o, default format
+    assert load_pcr_file(serialized.read_bytes()) == load_pcr_file(ev.pcrs.read_bytes())
+    assert fleet_server(*ev.args(pcrs=serialized), "--allow-sha1").returncode == 0
+    # The same with -F serialized given explicitly, and one that differs from the PCRs quoted now.
+    tools("tpm2_quote", "-c", "ak.ctx", "-l", "sha256:7", "-q", ev.nonce, "-m", "s.msg", "-s", "s.sig",
+          "-o", "s.pcrs", "-F", "serialized", "-g", "sha256")
+    explicit = ev.args(message=tools.cwd / "s.msg", signature=tools.cwd / "s.sig", pcrs=tools.cwd / "s.pcrs")
+    assert fleet_server(*explicit).returncode == 0
+    tools("tpm2_pcrextend", EXTEND_7)
+    tools("tpm2_quote", "-c", "ak.ctx", "-l", "sha256:7", "-q", ev.nonce, "-m", "s2.msg", "-s", "s2.sig",
+          "-g", "sha256")
+    _assert_invalid(fleet_server(*ev.args(message=tools.cwd / "s2.msg", signature=tools.cwd / "s2.sig",
+                                          pcrs=tools.cwd / "s.pcrs")), "PCR digest")
+
+    # Garbage in any form is one clear usage error.
+    data = serialized.read_bytes()
+    cases: list[tuple[bytes, str]] = [
+        (data[:-1], "is not JSON, tpm2_pcrread output or a tpm2-tools serialized PCR file"),
+        (data + bytes(532), "(2 banks, 2 digest lists in 1732 bytes)"),
+        (b"\x11" + data[1:], "(17 banks, 2 digest lists"),
+        (b"\x03" + data[1:], "unknown PCR bank algorithm 0x0000"),  # an empty slot
+        (data[:4] + b"\x99\x99" + data[6:], "unknown PCR bank algorithm 0x9999"),
+        (json.dumps({"pcrs": {}}).encode("utf-32-le"), "serialized PCR file"),
+        (b"\xff\xfe garbage", "is not JSON, tpm2_pcrread output"),
+        (b"hello world\n", "(line 1: 'hello world')"),
+        (b"sha256:\n  0 : 0x00\n", "sha256 PCR 0 value has 1 bytes, expected 32"),
+        (b"sha256:\n  0 : 0x" + b"0" * 63 + b"\n", "not whole bytes"),
+        (b"  0 : 0x" + b"00" * 32 + b"\n", "before any bank"),
+        (b"md5:\n", "unknown PCR bank 'md5'"),
+        (b"sha256:\n  0 : 0x" + b"00" * 32 + b"\n  0 : 0x" + b"00" * 32 + b"\n", "PCR 0 is given twice"),
+    ]
+    for n, (content, message) in enumerate(cases):
+        res = fleet_server(*ev.args(pcrs=ev.write(f"garbage-{n}", content)))
+        assert res.returncode == 2, (n, res.returncode, res.stderr)
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and message in lines[0], (n, res.stderr)
+
+
+def test_load_pcr_yaml_keeps_digest_bytes() -> None:
+    text = "pcrs:\n  sha1:\n    7 : 0x" + "00" * 19 + "0A\n    10: 0x" + "ff" * 20 + "\n  sha256:\n"
+    assert load_pcr_file(text.encode()) == {"sha1": {7: bytes(19) + b"\x0a", 10: b"\xff" * 20}, "sha256": {}}
+    with pytest.raises(UsageError, match="no PCR banks"):
+        load_pcr_file(b"\n")
 
 
 @pytest.mark.swtpm

@@ -1,8 +1,9 @@
 """`fleet-server quote verify`: check a TPM quote made by tpm2-tools, offline.
 
 Inputs are the files tpm2-tools writes: ``tpm2_createak -u`` / ``tpm2_readpublic -o`` (TPM2B_PUBLIC),
-``tpm2_quote -m`` (TPMS_ATTEST) and ``-s`` (TPMT_SIGNATURE), plus the PCR values as JSON
-``{"pcrs": {"sha256": {"0": "<hex>"}}}`` and optionally the TCG event log to replay.
+``tpm2_quote -m`` (TPMS_ATTEST) and ``-s`` (TPMT_SIGNATURE), plus the PCR values as ``tpm2_pcrread``
+prints them, as ``tpm2_quote -o`` writes them (``-F serialized``, the default) or as JSON
+``{"pcrs": {"sha256": {"0": "<hex>"}}}``, and optionally the TCG event log to replay.
 
 ``--nonce ''`` checks a quote made without qualifying data (extraData empty), as ``tpm2_checkquote``
 without ``-q`` does, e.g. one taken by a cloud provider's shielded-VM API; a warning on stderr says that
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +29,14 @@ from fleet_server.verifier.quote import AttestationKey, QuoteInfo, check_replay,
 from protocol.errors import ConfigError, EdgeError
 from protocol.tpm.constants import BANK_TO_ALG, HASH_ALGS
 
-__all__ = ["UsageError", "load_pcr_json", "register"]
+__all__ = [
+    "UsageError",
+    "load_pcr_file",
+    "load_pcr_json",
+    "load_pcr_serialized",
+    "load_pcr_yaml",
+    "register",
+]
 
 
 class UsageError(ConfigError):
@@ -64,8 +74,9 @@ def register(subparsers: Any) -> None:
                              "one (extraData empty, as tpm2_checkquote without -q): freshness is then "
                              "not proven and a warning is printed")
     verify.add_argument("--pcrs", required=True, type=Path, metavar="FILE",
-                        help='PCR values, JSON {"pcrs": {"sha256": {"0": "<hex>"}}}; the quote must '
-                             "select exactly these PCRs")
+                        help="PCR values: tpm2_pcrread output, tpm2_quote -o (-F serialized) or JSON "
+                             '{"pcrs": {"sha256": {"0": "<hex>"}}} (told apart by content); the quote '
+                             "must select exactly these PCRs")
     verify.add_argument("--eventlog", type=Path, metavar="FILE",
                         help="TCG event log to replay; every quoted PCR it extends must match")
     verify.add_argument("--allow-sha1", action="store_true",
@@ -96,8 +107,24 @@ def _parse_nonce(text: str) -> bytes:
     return nonce
 
 
+def _add_value(out: dict[str, dict[int, bytes]], bank: str, index: int, digest: bytes) -> None:
+    """Check one PCR value (known bank, index 0-255, the bank's digest size, given once) and add it."""
+    alg = BANK_TO_ALG.get(bank)
+    if alg is None:
+        raise UsageError(f"PCR file: unknown PCR bank {bank!r}")
+    if not 0 <= index < 256:
+        raise UsageError(f"PCR file: {bank} index {index} is not a PCR number")
+    size = HASH_ALGS[alg][1]
+    if len(digest) != size:
+        raise UsageError(f"PCR file: {bank} PCR {index} value has {len(digest)} bytes, expected {size}")
+    values = out.setdefault(bank, {})
+    if index in values:
+        raise UsageError(f"PCR file: {bank} PCR {index} is given twice")
+    values[index] = digest
+
+
 def load_pcr_json(data: bytes | str) -> dict[str, dict[int, bytes]]:
-    """Decode ``{"pcrs": {"<bank>": {"<pcr index>": "<hex>"}}}`` (the tpm2-tools-compatible form).
+    """Decode ``{"pcrs": {"<bank>": {"<pcr index>": "<hex>"}}}`` (the project's JSON form).
 
     Other top-level keys are ignored.  Raises :class:`UsageError` for anything of the wrong shape: not
     JSON, unknown bank, index not a decimal integer 0-255, value not hex of the bank's digest size.
@@ -110,13 +137,11 @@ def load_pcr_json(data: bytes | str) -> dict[str, dict[int, bytes]]:
         raise UsageError('PCR file must be a JSON object with a "pcrs" object')
     out: dict[str, dict[int, bytes]] = {}
     for bank, values in doc["pcrs"].items():
-        alg = BANK_TO_ALG.get(bank)
-        if alg is None:
+        if bank not in BANK_TO_ALG:
             raise UsageError(f"PCR file: unknown PCR bank {bank!r}")
         if not isinstance(values, dict):
             raise UsageError(f"PCR file: bank {bank!r} must map PCR indices to hex values")
-        size = HASH_ALGS[alg][1]
-        bank_values: dict[int, bytes] = {}
+        out.setdefault(bank, {})
         for index, value in values.items():
             if not (isinstance(index, str) and index.isascii() and index.isdigit() and 0 <= int(index) < 256):
                 raise UsageError(f"PCR file: {bank} index {index!r} is not a PCR number")
@@ -126,19 +151,121 @@ def load_pcr_json(data: bytes | str) -> dict[str, dict[int, bytes]]:
                 digest = bytes.fromhex(value)
             except ValueError:
                 raise UsageError(f"PCR file: {bank} PCR {index} value is not hex") from None
-            if len(digest) != size:
-                raise UsageError(
-                    f"PCR file: {bank} PCR {index} value has {len(digest)} bytes, expected {size}")
-            if int(index) in bank_values:
-                raise UsageError(f"PCR file: {bank} PCR {int(index)} is given twice")
-            bank_values[int(index)] = digest
-        out[bank] = bank_values
+            _add_value(out, bank, int(index), digest)
     return out
+
+
+# tpm2_pcrread (and tpm2_checkquote) YAML: "  sha256:" then "    7 : 0x88..".  Parsed by hand: a YAML
+# reader turns 0x... into an int and loses the leading zeros (and the digest length with them).
+_YAML_BANK = re.compile(r"\s*([a-z0-9_]+)\s*:\s*")
+_YAML_VALUE = re.compile(r"\s*([0-9]{1,3})\s*:\s*0x([0-9A-Fa-f]*)\s*")
+
+
+def load_pcr_yaml(text: str) -> dict[str, dict[int, bytes]]:
+    """Decode ``tpm2_pcrread`` output (an optional ``pcrs:`` line first, as tpm2_checkquote prints)."""
+    out: dict[str, dict[int, bytes]] = {}
+    bank: str | None = None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if lines and lines[0][1].strip() == "pcrs:":
+        lines = lines[1:]
+    for number, line in lines:
+        if m := _YAML_VALUE.fullmatch(line):
+            if bank is None:
+                raise UsageError(f"PCR file line {number}: a PCR value before any bank")
+            if len(m.group(2)) % 2:
+                raise UsageError(f"PCR file line {number}: {bank} PCR {m.group(1)} value is not whole bytes")
+            _add_value(out, bank, int(m.group(1)), bytes.fromhex(m.group(2)))
+        elif m := _YAML_BANK.fullmatch(line):
+            bank = m.group(1)
+            if bank not in BANK_TO_ALG:
+                raise UsageError(f"PCR file: unknown PCR bank {bank!r}")
+            if bank in out:
+                raise UsageError(f"PCR file: bank {bank} is given twice")
+            out[bank] = {}
+        else:
+            raise UsageError("PCR file is not JSON, tpm2_pcrread output or a tpm2-tools serialized PCR "
+                             f"file (line {number}: {line.strip()[:40]!r})")
+    if not out:
+        raise UsageError("PCR file has no PCR banks")
+    return out
+
+
+# tpm2_quote -o / tpm2_pcrread -o with -F serialized (tpm2-tools lib/pcr.c, pcr_fwrite_serialized): the
+# C structures as in memory, little endian: TPML_PCR_SELECTION (UINT32 count, then 16 TPMS_PCR_SELECTION
+# slots of UINT16 hash, UINT8 sizeofSelect, BYTE pcrSelect[4], 1 padding byte), a UINT32 number of
+# TPML_DIGEST, and that many TPML_DIGEST (UINT32 count, then 8 TPM2B_DIGEST slots of UINT16 size +
+# 64 bytes).  The values run through the lists in selection order (banks as selected, PCRs ascending).
+_SER_BANKS, _SER_SEL = 16, struct.Struct("<HB4sx")
+_SER_DIGESTS, _SER_DIGEST = 8, struct.Struct("<H64s")
+_SER_HEAD = 4 + _SER_BANKS * _SER_SEL.size
+_SER_LIST = 4 + _SER_DIGESTS * _SER_DIGEST.size
+
+
+def load_pcr_serialized(data: bytes) -> dict[str, dict[int, bytes]]:
+    """Decode a tpm2-tools ``-F serialized`` PCR file (see the layout above)."""
+    if len(data) < _SER_HEAD + 4 or (len(data) - _SER_HEAD - 4) % _SER_LIST:
+        raise UsageError(f"PCR file of {len(data)} bytes is not JSON, tpm2_pcrread output or a "
+                         "tpm2-tools serialized PCR file")
+    (count,) = struct.unpack_from("<I", data, 0)
+    (lists,) = struct.unpack_from("<I", data, _SER_HEAD)
+    if not 0 < count <= _SER_BANKS or lists != (len(data) - _SER_HEAD - 4) // _SER_LIST:
+        raise UsageError("PCR file is not a valid tpm2-tools serialized PCR file "
+                         f"({count} banks, {lists} digest lists in {len(data)} bytes)")
+    selection: list[tuple[str, list[int]]] = []
+    for slot in range(count):
+        alg, size_of_select, select = _SER_SEL.unpack_from(data, 4 + slot * _SER_SEL.size)
+        if alg not in HASH_ALGS:
+            raise UsageError(f"PCR file: unknown PCR bank algorithm 0x{alg:04x}")
+        if size_of_select > 4:
+            raise UsageError(f"PCR file: {HASH_ALGS[alg][0]} sizeofSelect {size_of_select} is over 4")
+        pcrs = [8 * i + bit for i in range(size_of_select) for bit in range(8) if select[i] >> bit & 1]
+        selection.append((HASH_ALGS[alg][0], pcrs))
+    digests: list[bytes] = []
+    for n in range(lists):
+        base = _SER_HEAD + 4 + n * _SER_LIST
+        (in_list,) = struct.unpack_from("<I", data, base)
+        if in_list > _SER_DIGESTS:
+            raise UsageError(f"PCR file: digest list {n} holds {in_list} digests, at most {_SER_DIGESTS}")
+        for k in range(in_list):
+            size, buf = _SER_DIGEST.unpack_from(data, base + 4 + k * _SER_DIGEST.size)
+            if size > len(buf):
+                raise UsageError(f"PCR file: digest size {size} is over {len(buf)}")
+            digests.append(buf[:size])
+    wanted = sum(len(pcrs) for _, pcrs in selection)
+    if len(digests) != wanted:
+        raise UsageError(f"PCR file selects {wanted} PCRs but holds {len(digests)} values")
+    out: dict[str, dict[int, bytes]] = {}
+    values = iter(digests)
+    for bank, pcrs in selection:
+        if bank in out:
+            raise UsageError(f"PCR file: bank {bank} is selected twice")
+        out[bank] = {}
+        for pcr in pcrs:
+            _add_value(out, bank, pcr, next(values))
+    return out
+
+
+def load_pcr_file(data: bytes) -> dict[str, dict[int, bytes]]:
+    """PCR values from any of the forms accepted by ``--pcrs``, told apart by their content.
+
+    A serialized file always holds NUL bytes (its counts are small little-endian integers) and the text
+    forms never do; of the text forms, JSON starts with a bracket and tpm2_pcrread output with a name.
+    """
+    if b"\x00" in data:
+        return load_pcr_serialized(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("PCR file is not JSON, tpm2_pcrread output or a tpm2-tools serialized "
+                         "PCR file") from None
+    if text.lstrip()[:1] in ("{", "["):
+        return load_pcr_json(text)
+    return load_pcr_yaml(text)
 
 
 def _load(args: argparse.Namespace) -> _Inputs:
     nonce = _parse_nonce(args.nonce)
-    pcrs = load_pcr_json(_read(args.pcrs, "PCR file"))
+    pcrs = load_pcr_file(_read(args.pcrs, "PCR file"))
     return _Inputs(
         ak_public=_read(args.ak_public, "AK public file"),
         message=_read(args.message, "quote message file"),

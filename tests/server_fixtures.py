@@ -212,6 +212,15 @@ class SimDevice:
         self.sim.power_cycle()
         self.tpm = TpmAdapter(self.sim.tcti, self.state_dir)
 
+    def new_ak(self) -> None:
+        """Lose the AK blobs (e.g. a wiped data partition): the adapter creates another AK in the
+        same TPM, so the EK is the same and the AK public area differs."""
+        old = self.tpm.ak_public
+        self.tpm.close()
+        shutil.rmtree(self.state_dir)
+        self.tpm = TpmAdapter(self.sim.tcti, self.state_dir)
+        assert self.tpm.ak_public != old
+
     def close(self) -> None:
         self.tpm.close()
         self.sim.shutdown()

@@ -515,3 +515,96 @@ def test_tpm_clock_going_backwards_is_untrusted(
     assert repo.device("cam-24").state == "untrusted"  # type: ignore[union-attr]
     # The high-water mark is kept: the device cannot come back by simply attesting again.
     assert repo.device("cam-24").boot_reset_count == record.boot_reset_count + 5  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------------------
+# held states: enrolling again changes nothing (issue 9)
+# --------------------------------------------------------------------------------------------------
+HELD = ("quarantined", "revoked", "untrusted")
+
+
+def _hold(state: str, device_id: str, processor: Processor, repo: Repository, signer: ResultSigner,
+          trusted_device: TrustedFactory, clock: ManualClock) -> SimDevice:
+    dev = trusted_device(device_id, "tampered-bootloader" if state == "untrusted" else "golden")
+    assert attest_once(processor, signer, dev).verdict == ("untrusted" if state == "untrusted" else "trusted")
+    if state == "quarantined":
+        admin.quarantine_device(repo, device_id, signer=signer, now=clock.now_ms(), reason="investigation")
+    elif state == "revoked":
+        admin.revoke_device(repo, device_id, signer=signer, now=clock.now_ms(), reason="stolen")
+    assert repo.device(device_id).state == state  # type: ignore[union-attr]
+    return dev
+
+
+@pytest.mark.parametrize("state", HELD)
+@pytest.mark.parametrize("new_ak", [False, True], ids=["claim-cert", "new-ak"])
+def test_held_device_cannot_reenroll_and_stays_held_across_reboot(
+        state: str, new_ak: bool, processor: Processor, repo: Repository, signer: ResultSigner,
+        trusted_device: TrustedFactory, fleet_pki: BrokerPki, clock: ManualClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    dev = _hold(state, "held-1", processor, repo, signer, trusted_device, clock)
+    before = repo.device("held-1")
+    assert before is not None
+    history = [(h.from_state, h.to_state) for h in repo.state_history("held-1")]
+    clock.advance(2_000)
+    if new_ak:
+        dev.new_ak()
+    out = processor.handle_batch([dev.enroll_up("request", dev.enroll_request())])
+    assert replies(signer, out, "held-1", "challenge") == []  # no MakeCredential, no session
+    result = one(signer, out, "held-1", "result")
+    assert result.status == "rejected" and result.device_cert is None
+    assert f"held-1 is {state}: enrolling again cannot" in result.reasons[0], result.reasons
+    assert processor.counters.get("rejected.enroll_held") == 1
+    assert "reason=enroll_held" in caplog.text
+    after = repo.device("held-1")
+    assert after is not None and after.state == state
+    assert after.cert_serial == before.cert_serial
+    identity = repo.device_identity("held-1")
+    assert identity is not None and identity.ak_public != (dev.tpm.ak_public if new_ak else b"")
+    assert [(h.from_state, h.to_state) for h in repo.state_history("held-1")] == history
+
+    # Rebooting (into a good boot) and asking for a challenge do not lift an admin's hold either; for
+    # untrusted, good evidence from the enrolled AK is the way back (as the design says).
+    if new_ak:
+        return  # the AK is gone: the device cannot attest until an admin acts
+    dev.power_cycle("golden")
+    clock.advance(2_000)
+    if state == "revoked":
+        assert processor.handle_batch([dev.up("hello", dev.hello("boot"))]) == []
+        assert processor.counters.get("rejected.device_revoked") == 1
+    else:
+        verdict = attest_once(processor, signer, dev).verdict
+        assert verdict == ("untrusted" if state == "quarantined" else "trusted")
+        assert repo.device("held-1").state == ("quarantined" if state == "quarantined" else "trusted")  # type: ignore[union-attr]
+        return
+    assert repo.device("held-1").state == "revoked"  # type: ignore[union-attr]
+    # Only an admin lifts it.
+    admin.approve_device(repo, "held-1", signer=signer, fleet_ca=fleet_pki.load_ca(), now=clock.now_ms())
+    clock.advance(2_000)
+    assert attest_once(processor, signer, dev).verdict == "trusted"
+
+
+@pytest.mark.parametrize("state", HELD)
+def test_proof_after_the_device_was_held_earns_nothing(
+        state: str, processor: Processor, repo: Repository, signer: ResultSigner,
+        trusted_device: TrustedFactory, clock: ManualClock) -> None:
+    """A request challenged while the device was trusted, proved after it was held."""
+    dev = trusted_device("held-2")
+    assert attest_once(processor, signer, dev).verdict == "trusted"
+    serial = repo.device("held-2").cert_serial  # type: ignore[union-attr]
+    challenge = one(signer, processor.handle_batch([dev.enroll_up("request", dev.enroll_request())]),
+                    "held-2", "challenge")
+    clock.advance(2_000)
+    if state == "untrusted":
+        dev.power_cycle("tampered-bootloader")
+        assert attest_once(processor, signer, dev).verdict == "untrusted"
+    elif state == "quarantined":
+        admin.quarantine_device(repo, "held-2", signer=signer, now=clock.now_ms())
+    else:
+        admin.revoke_device(repo, "held-2", signer=signer, now=clock.now_ms())
+    out = processor.handle_batch([dev.enroll_up("proof", dev.enroll_proof(challenge))])
+    result = one(signer, out, "held-2", "result")
+    assert result.status == "rejected" and result.device_cert is None
+    assert f"held-2 is {state}" in result.reasons[0]
+    assert processor.counters.get("rejected.enroll_held") == 1
+    record = repo.device("held-2")
+    assert record is not None and record.state == state and record.cert_serial == serial

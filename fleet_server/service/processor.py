@@ -60,7 +60,7 @@ from fleet_server.service.common import Counters, Outgoing, format_event, log_ev
 from fleet_server.service.context import ServiceContext
 from fleet_server.service.models import MODEL_KINDS, ModelService
 from fleet_server.service.policies import ANY_CLASS, MAX_AGE_S, PolicyResolver
-from fleet_server.storage.models import ATTESTED_STATES, ChallengeStatus, DeviceState
+from fleet_server.storage.models import ATTESTED_STATES, HELD_STATES, ChallengeStatus, DeviceState
 from fleet_server.storage.repo import (
     AppraisedDevice,
     EnrollmentSessionRecord,
@@ -759,9 +759,9 @@ class Processor:
                 self._refuse_enrollment(item, item.envelope.id, "enroll_refused",
                                         f"device id {item.device_id} is enrolled with another TPM", fx)
                 return
-            if existing.state == DeviceState.REVOKED:
-                self._refuse_enrollment(item, item.envelope.id, "enroll_refused",
-                                        f"device {item.device_id} is revoked", fx)
+            if existing.state in HELD_STATES:
+                self._refuse_enrollment(item, item.envelope.id, "enroll_held",
+                                        held_reason(item.device_id, existing.state), fx)
                 return
         tx.insert_session(EnrollmentSessionRecord(
             id=plan.request_id, device_id=item.device_id, proof_sha256=plan.proof_sha256,
@@ -835,8 +835,12 @@ class Processor:
             fx.event(logging.INFO, "device_enrolled", device=s.device_id, state=state)
             fx.counters[f"enroll.{state}"] += 1
         else:
-            if existing.ek_fingerprint != s.ek_fingerprint or existing.state == DeviceState.REVOKED:
+            if existing.ek_fingerprint != s.ek_fingerprint:
                 raise Rejected("enroll_refused", f"device {s.device_id} changed during enrollment")
+            if existing.state in HELD_STATES:
+                # Revoked, quarantined or judged untrusted after the request was challenged: the
+                # proof must not reset the state nor earn a certificate.
+                raise Rejected("enroll_held", held_reason(s.device_id, existing.state))
             state = existing.state
             values: dict[str, Any] = {"csr": s.csr, "enroll_request_id": s.id, "updated_at": now}
             if existing.ak_public != s.ak_public:
@@ -864,6 +868,15 @@ class Processor:
         return "admitted", der
 
 
+def held_reason(device_id: str, state: str) -> str:
+    """Why enrolling again is refused for a device in one of :data:`HELD_STATES` (sent and logged)."""
+    if state == DeviceState.UNTRUSTED:
+        return (f"device {device_id} is untrusted: enrolling again cannot reset its state; only good "
+                "evidence from its enrolled attestation key makes it trusted again")
+    return (f"device {device_id} is {state}: enrolling again cannot change its state; only an "
+            "administrator can lift it (fleet-server device approve)")
+
+
 def _needs_full_log(plan: _EvidencePlan) -> bool:
     """True if the evidence continues a held log but its (authentic) quote shows a reboot since."""
     quote, ctx = plan.appraisal.quote, plan.ctx
@@ -886,4 +899,5 @@ def _event_line(event: str, **fields: object) -> str:
     return format_event(event, fields)
 
 
-__all__ = ["DEVICE_KINDS", "ENROLL_KINDS", "Inbound", "Processor", "Rejected", "Reply", "challenge_message"]
+__all__ = ["DEVICE_KINDS", "ENROLL_KINDS", "Inbound", "Processor", "Rejected", "Reply", "challenge_message",
+           "held_reason"]

@@ -39,6 +39,11 @@ ATTESTED_STATES: frozenset[str] = frozenset({
 })
 """States in which a device is challenged and its evidence appraised."""
 
+HELD_STATES: frozenset[str] = frozenset({DeviceState.REVOKED, DeviceState.QUARANTINED, DeviceState.UNTRUSTED})
+"""States that enrollment (re-enrolling with the claim certificate, a new AK) must not change: an
+admin's revoke or quarantine holds until an admin approves; ``untrusted`` holds until good evidence.
+Otherwise a device could wash its state by enrolling again (issue 9)."""
+
 
 class ChallengeStatus(StrEnum):
     """Life of a challenge: ``open`` until answered (``used``), past its deadline (``expired``) or

@@ -398,3 +398,65 @@ def test_a_revoked_device_certificate_is_refused_once_the_broker_reloads_the_crl
     wait_until(lambda: "revoked" in probe_connect(broker.port or 0, ca_pem, revoked.cert, revoked.key),
                what="the broker to refuse the revoked certificate")
     assert probe_connect(broker.port or 0, ca_pem, other.cert, other.key) == "accepted"
+
+
+def test_every_certificate_of_a_revoked_device_and_a_replaced_one_are_refused(
+        init_broker: tuple[MosquittoBroker, Path], tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fleet_server import pki
+    from fleet_server.config import load_config
+    from fleet_server.keys import load_signing_key
+    from fleet_server.migrations import upgrade
+    from fleet_server.service.admin import revoke_device
+    from fleet_server.service.crl import record_issued, write_crl
+    from fleet_server.storage.db import create_engine
+    from fleet_server.storage.models import DeviceState
+    from fleet_server.storage.repo import NewDevice, Repository
+
+    broker, data_dir = init_broker
+    config = load_config(data_dir / "server.toml")
+    engine = create_engine(config.database_url)
+    upgrade(engine)
+    repo = Repository(engine)
+    ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
+    signer = load_signing_key(config.signing_key)
+    ca_pem = config.fleet_ca_cert
+    now = int(time.time() * 1000)
+
+    def enroll(device_id: str, n: int) -> TlsFiles:
+        """One (re-)enrollment as the processor admits it: a new key, a certificate from its CSR,
+        stored with record_issued in the same transaction; returns the device's TLS files."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert_pem = pki.sign_device_csr(ca, pki.make_device_csr(key, device_id), device_id, now=time.time())
+        with repo.write("test enrollment") as tx:
+            if tx.device_identity(device_id) is None:
+                tx.insert_device(NewDevice(
+                    id=device_id, state=DeviceState.ENROLLED, device_class="test", firmware_version="1",
+                    ek_cert=b"ek-" + device_id.encode(), ek_fingerprint=device_id.ljust(64, "0"),
+                    ek_public=b"ek", ak_public=b"ak", ak_name=b"ak", csr=None, enroll_request_id=None,
+                    cert_serial=None, now=now, next_attestation_at=None), cause="test")
+            record_issued(tx, device_id, cert_pem, now=now + n)
+        cert, key_path = pki.write_credential(tmp_path / f"{device_id}-{n}", device_id,
+                                              pki.IssuedCredential(cert_pem, pki.private_key_pem(key)))
+        return TlsFiles(ca_pem, cert, key_path)
+
+    def reload_and_wait(tls: TlsFiles, what: str) -> None:
+        write_crl(repo, config, now=time.time())
+        broker.reload()
+        wait_until(lambda: "revoked" in probe_connect(broker.port or 0, ca_pem, tls.cert, tls.key), what=what)
+
+    try:
+        old = enroll("dev-twice", 1)
+        current = enroll("dev-twice", 2)
+        good = enroll("dev-good", 1)
+        # Re-enrollment: the replaced certificate is refused, the new one still connects.
+        reload_and_wait(old, "the broker to refuse the replaced certificate")
+        assert probe_connect(broker.port or 0, ca_pem, current.cert, current.key) == "accepted"
+        # Revocation: every certificate the device was issued is refused; another device connects.
+        revoke_device(repo, "dev-twice", signer=signer, now=now + 10)
+        reload_and_wait(current, "the broker to refuse the revoked device's current certificate")
+        assert probe_connect(broker.port or 0, ca_pem, old.cert, old.key).startswith("rejected")
+        assert probe_connect(broker.port or 0, ca_pem, good.cert, good.key) == "accepted"
+    finally:
+        repo.dispose()

@@ -460,3 +460,53 @@ def test_every_certificate_of_a_revoked_device_and_a_replaced_one_are_refused(
         assert probe_connect(broker.port or 0, ca_pem, good.cert, good.key) == "accepted"
     finally:
         repo.dispose()
+
+
+@pytest.mark.slow
+def test_run_renews_the_crl_before_it_lapses_and_the_broker_reloads_it(
+        init_broker: tuple[MosquittoBroker, Path], tmp_path: Path) -> None:
+    import datetime as dt
+    import signal
+    import subprocess
+    import sys
+
+    from cryptography import x509
+
+    from fleet_server import pki
+
+    broker, data_dir = init_broker
+    config_path = data_dir / "server.toml"
+    config_path.write_text(config_path.read_text().replace(
+        "crl_lifetime = 2592000.0", f'crl_lifetime = 6.0\nbroker_pid_file = "{broker.pid_path}"'))
+    crl_path = data_dir / "pki/fleet-ca.crl.pem"
+    ca_pem = data_dir / "pki/fleet-ca.pem"
+    ca = pki.load_ca_files(ca_pem, data_dir / "pki/fleet-ca.key")
+    # A CRL about to lapse (what a 6-second lifetime issues), loaded by the broker.
+    pki.write_certificate(crl_path, pki.build_crl(ca, [], now=time.time(),
+                                                  validity=dt.timedelta(seconds=6)))
+    broker.reload()
+
+    def next_update() -> float:
+        stamp = x509.load_pem_x509_crl(crl_path.read_bytes()).next_update_utc
+        assert stamp is not None
+        return stamp.timestamp()
+
+    first = next_update()
+    good = _device_tls(data_dir, tmp_path / "creds", "dev-good")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "run", "--config", str(config_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: next_update() > first, timeout=WAIT + 30, what="run to renew the CRL")
+        wait_until(lambda: time.time() > first + 1 and next_update() > time.time(), timeout=WAIT + 30,
+                   what="the original CRL to have lapsed while a renewed one is current")
+        assert probe_connect(broker.port or 0, ca_pem, good.cert, good.key) == "accepted"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(WAIT + 30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,4 +83,72 @@ def refresh_crl(repo: Repository, config: ServerConfig, *, now: float) -> str:
             "(SIGHUP) to apply it")
 
 
-__all__ = ["CrlWritten", "record_issued", "refresh_crl", "revoked_serials", "write_crl"]
+def renewal_due(path: Path, *, now: float, lifetime: float) -> bool:
+    """True if the CRL at ``path`` is missing, unreadable, or has less than a third of ``lifetime``
+    left before its ``nextUpdate`` (renewing early leaves time for a failed attempt to be retried)."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return True
+    next_update = crl.next_update_utc
+    return next_update is None or next_update.timestamp() - now < lifetime / 3
+
+
+def _signal_broker(pid_file: Path) -> None:
+    """SIGHUP to the broker whose pid ``pid_file`` holds: Mosquitto re-reads its CRL."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except ValueError:
+        raise OSError(f"{pid_file}: not a pid") from None
+    os.kill(pid, signal.SIGHUP)
+
+
+class CrlRenewer:
+    """The thread of ``fleet-server run`` (one per ``run``, however many workers) that keeps the CRL
+    current: it checks every ``lifetime / 10`` seconds (0.5 s to 5 min) and rewrites the CRL when
+    :func:`renewal_due`, then reloads the broker (``server.broker_pid_file``) or, for a broker this
+    server does not manage, logs that it must be reloaded."""
+
+    def __init__(self, repo: Repository, config: ServerConfig) -> None:
+        self.repo = repo
+        self.config = config
+        self.interval = min(300.0, max(0.5, config.crl_lifetime / 10))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fleet-crl", daemon=True)
+
+    def start(self) -> CrlRenewer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
+
+    def run_once(self, now: float) -> bool:
+        """Renew the CRL if due; True if it was rewritten."""
+        config = self.config
+        if not renewal_due(config.fleet_ca_crl, now=now, lifetime=config.crl_lifetime):
+            return False
+        written = write_crl(self.repo, config, now=now)
+        if config.broker_pid_file is None:
+            log_event(log, logging.INFO, "crl_renewed", path=str(written.path), revoked=written.revoked,
+                      action="the broker must reload it (SIGHUP)")
+        else:
+            _signal_broker(config.broker_pid_file)
+            log_event(log, logging.INFO, "crl_renewed", path=str(written.path), revoked=written.revoked,
+                      broker_reloaded=str(config.broker_pid_file))
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once(time.time())
+            except (EdgeError, OSError) as exc:
+                why = exc.diagnostics() if isinstance(exc, EdgeError) else (exc.strerror or str(exc))
+                log_event(log, logging.WARNING, "crl_renewal_failed", path=str(self.config.fleet_ca_crl),
+                          error=why)
+            self._stop.wait(self.interval)
+
+
+__all__ = ["CrlRenewer", "CrlWritten", "record_issued", "refresh_crl", "renewal_due", "revoked_serials",
+           "write_crl"]

@@ -173,6 +173,11 @@ class MosquittoBroker:
         return self.folder / "acl"
 
     @property
+    def pid_path(self) -> Path:
+        """Mosquitto's ``pid_file`` (what ``server.broker_pid_file`` names to have the CRL reloaded)."""
+        return self.folder / "mosquitto.pid"
+
+    @property
     def log_path(self) -> Path:
         return self.folder / "mosquitto.log"
 
@@ -196,6 +201,7 @@ class MosquittoBroker:
             # As root Mosquitto would switch to user 'mosquitto', who cannot read our 0600 key.
             f"user {getpass.getuser()}",
             f"log_dest file {_check_path(self.log_path)}",
+            f"pid_file {_check_path(self.pid_path)}",  # `fleet-server run` SIGHUPs it (broker_pid_file)
             "log_type error",
             "log_type warning",
             "log_type notice",

@@ -110,6 +110,7 @@ LOGS_DIR = "logs"
 FLEET_CA_CERT = f"{PKI_DIR}/fleet-ca.pem"
 FLEET_CA_KEY = f"{PKI_DIR}/fleet-ca.key"
 FLEET_CA_CRL = f"{PKI_DIR}/fleet-ca.crl.pem"
+CRL_LIFETIME = 30 * 86400.0
 BROKER_CERT = f"{PKI_DIR}/broker.pem"
 BROKER_KEY = f"{PKI_DIR}/broker.key"
 SERVER_CLIENTS_CA_CERT = f"{PKI_DIR}/server-clients-ca.pem"
@@ -305,6 +306,12 @@ class ServerConfig:
     fleet_ca_key: Path = Path(FLEET_CA_KEY)
     fleet_ca_crl: Path = Path(FLEET_CA_CRL)
     """The CRL of revoked device certificates the broker's device listener loads (``crlfile``)."""
+    crl_lifetime: float = CRL_LIFETIME
+    """Seconds a CRL is current (its ``nextUpdate``); ``fleet-server run`` renews it when less than a
+    third is left (:mod:`fleet_server.service.crl`)."""
+    broker_pid_file: Path | None = None
+    """The pid file of a broker this server manages (Mosquitto ``pid_file``): after renewing the CRL,
+    ``run`` sends that process SIGHUP so that it reloads it. Unset: the operator reloads the broker."""
     trust_bundle: Path = Path(TRUST_BUNDLE)
     batch_size: int = 64
     batch_linger: float = 0.02
@@ -418,6 +425,8 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     fleet_ca_cert = server.path("fleet_ca_cert", Path(FLEET_CA_CERT), data_dir)
     fleet_ca_key = server.path("fleet_ca_key", Path(FLEET_CA_KEY), data_dir)
     fleet_ca_crl = server.path("fleet_ca_crl", Path(FLEET_CA_CRL), data_dir)
+    crl_lifetime = server.number("crl_lifetime", CRL_LIFETIME, lo=1.0, hi=366 * 86400.0)
+    broker_pid_file = server.optional_path("broker_pid_file", None, data_dir)
     trust_bundle = server.path("trust_bundle", Path(TRUST_BUNDLE), data_dir)
     batch_size = server.integer("batch_size", 64, lo=1, hi=10_000)
     batch_linger = server.number("batch_linger", 0.02, lo=0.0, hi=1.0)
@@ -474,7 +483,8 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     root.done()
     return ServerConfig(data_dir=data_dir, database_url=database_url, workers=workers, log_level=log_level,
                         log_file=log_file, signing_key=signing_key, fleet_ca_cert=fleet_ca_cert,
-                        fleet_ca_key=fleet_ca_key, fleet_ca_crl=fleet_ca_crl, trust_bundle=trust_bundle,
+                        fleet_ca_key=fleet_ca_key, fleet_ca_crl=fleet_ca_crl, crl_lifetime=crl_lifetime,
+                        broker_pid_file=broker_pid_file, trust_bundle=trust_bundle,
                         batch_size=batch_size,
                         batch_linger=batch_linger, cache_devices=cache_devices,
                         mqtt=mqtt, attestation=attestation, retention=retention, console=console,
@@ -605,6 +615,8 @@ def render_config(*, data_dir: Path, mqtt_host: str, mqtt_port: int, database_ur
         f'fleet_ca_cert = "{FLEET_CA_CERT}"',
         f'fleet_ca_key = "{FLEET_CA_KEY}"',
         f'fleet_ca_crl = "{FLEET_CA_CRL}"',
+        "crl_lifetime = 2592000.0  # seconds (30 days); `run` renews the CRL when a third is left",
+        '# broker_pid_file = "/run/mosquitto/mosquitto.pid"  # `run` sends it SIGHUP after renewing the CRL',
         f'trust_bundle = "{TRUST_BUNDLE}"',
         "",
         "[mqtt]",

@@ -48,7 +48,8 @@ DEVICE_VALIDITY = dt.timedelta(days=365)
 CLOCK_SKEW = dt.timedelta(minutes=5)
 CRL_VALIDITY = dt.timedelta(days=30)
 """How long a CRL is current (``nextUpdate``): it is re-issued on every revocation and approval, and
-must be re-issued (``fleet-server device crl``) before then: OpenSSL refuses an expired CRL."""
+must be re-issued before then (``fleet-server run`` does, see ``server.crl_lifetime``): OpenSSL refuses
+an expired CRL."""
 """Certificates start this long before ``now`` so that peers with slightly late clocks accept them."""
 
 IDENTITY_URI_PREFIX = "urn:edge-fleet:identity:"

@@ -398,3 +398,115 @@ def test_a_revoked_device_certificate_is_refused_once_the_broker_reloads_the_crl
     wait_until(lambda: "revoked" in probe_connect(broker.port or 0, ca_pem, revoked.cert, revoked.key),
                what="the broker to refuse the revoked certificate")
     assert probe_connect(broker.port or 0, ca_pem, other.cert, other.key) == "accepted"
+
+
+def test_every_certificate_of_a_revoked_device_and_a_replaced_one_are_refused(
+        init_broker: tuple[MosquittoBroker, Path], tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fleet_server import pki
+    from fleet_server.config import load_config
+    from fleet_server.keys import load_signing_key
+    from fleet_server.migrations import upgrade
+    from fleet_server.service.admin import revoke_device
+    from fleet_server.service.crl import record_issued, write_crl
+    from fleet_server.storage.db import create_engine
+    from fleet_server.storage.models import DeviceState
+    from fleet_server.storage.repo import NewDevice, Repository
+
+    broker, data_dir = init_broker
+    config = load_config(data_dir / "server.toml")
+    engine = create_engine(config.database_url)
+    upgrade(engine)
+    repo = Repository(engine)
+    ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
+    signer = load_signing_key(config.signing_key)
+    ca_pem = config.fleet_ca_cert
+    now = int(time.time() * 1000)
+
+    def enroll(device_id: str, n: int) -> TlsFiles:
+        """One (re-)enrollment as the processor admits it: a new key, a certificate from its CSR,
+        stored with record_issued in the same transaction; returns the device's TLS files."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert_pem = pki.sign_device_csr(ca, pki.make_device_csr(key, device_id), device_id, now=time.time())
+        with repo.write("test enrollment") as tx:
+            if tx.device_identity(device_id) is None:
+                tx.insert_device(NewDevice(
+                    id=device_id, state=DeviceState.ENROLLED, device_class="test", firmware_version="1",
+                    ek_cert=b"ek-" + device_id.encode(), ek_fingerprint=device_id.ljust(64, "0"),
+                    ek_public=b"ek", ak_public=b"ak", ak_name=b"ak", csr=None, enroll_request_id=None,
+                    cert_serial=None, now=now, next_attestation_at=None), cause="test")
+            record_issued(tx, device_id, cert_pem, now=now + n)
+        cert, key_path = pki.write_credential(tmp_path / f"{device_id}-{n}", device_id,
+                                              pki.IssuedCredential(cert_pem, pki.private_key_pem(key)))
+        return TlsFiles(ca_pem, cert, key_path)
+
+    def reload_and_wait(tls: TlsFiles, what: str) -> None:
+        write_crl(repo, config, now=time.time())
+        broker.reload()
+        wait_until(lambda: "revoked" in probe_connect(broker.port or 0, ca_pem, tls.cert, tls.key), what=what)
+
+    try:
+        old = enroll("dev-twice", 1)
+        current = enroll("dev-twice", 2)
+        good = enroll("dev-good", 1)
+        # Re-enrollment: the replaced certificate is refused, the new one still connects.
+        reload_and_wait(old, "the broker to refuse the replaced certificate")
+        assert probe_connect(broker.port or 0, ca_pem, current.cert, current.key) == "accepted"
+        # Revocation: every certificate the device was issued is refused; another device connects.
+        revoke_device(repo, "dev-twice", signer=signer, now=now + 10)
+        reload_and_wait(current, "the broker to refuse the revoked device's current certificate")
+        assert probe_connect(broker.port or 0, ca_pem, old.cert, old.key).startswith("rejected")
+        assert probe_connect(broker.port or 0, ca_pem, good.cert, good.key) == "accepted"
+    finally:
+        repo.dispose()
+
+
+@pytest.mark.slow
+def test_run_renews_the_crl_before_it_lapses_and_the_broker_reloads_it(
+        init_broker: tuple[MosquittoBroker, Path], tmp_path: Path) -> None:
+    import datetime as dt
+    import signal
+    import subprocess
+    import sys
+
+    from cryptography import x509
+
+    from fleet_server import pki
+
+    broker, data_dir = init_broker
+    config_path = data_dir / "server.toml"
+    config_path.write_text(config_path.read_text().replace(
+        "crl_lifetime = 2592000.0", f'crl_lifetime = 6.0\nbroker_pid_file = "{broker.pid_path}"'))
+    crl_path = data_dir / "pki/fleet-ca.crl.pem"
+    ca_pem = data_dir / "pki/fleet-ca.pem"
+    ca = pki.load_ca_files(ca_pem, data_dir / "pki/fleet-ca.key")
+    # A CRL about to lapse (what a 6-second lifetime issues), loaded by the broker.
+    pki.write_certificate(crl_path, pki.build_crl(ca, [], now=time.time(),
+                                                  validity=dt.timedelta(seconds=6)))
+    broker.reload()
+
+    def next_update() -> float:
+        stamp = x509.load_pem_x509_crl(crl_path.read_bytes()).next_update_utc
+        assert stamp is not None
+        return stamp.timestamp()
+
+    first = next_update()
+    good = _device_tls(data_dir, tmp_path / "creds", "dev-good")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "run", "--config", str(config_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: next_update() > first, timeout=WAIT + 30, what="run to renew the CRL")
+        wait_until(lambda: time.time() > first + 1 and next_update() > time.time(), timeout=WAIT + 30,
+                   what="the original CRL to have lapsed while a renewed one is current")
+        assert probe_connect(broker.port or 0, ca_pem, good.cert, good.key) == "accepted"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(WAIT + 30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

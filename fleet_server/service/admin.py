@@ -28,6 +28,7 @@ from fleet_server import pki
 from fleet_server.appraisal.policy import ReferencePolicy
 from fleet_server.enrollment.ekcert import verify_ek_certificate
 from fleet_server.keys import ResultSigner
+from fleet_server.service.crl import record_issued
 from fleet_server.service.processor import DOWN_RESULT, DOWN_REVOCATION
 from fleet_server.storage.models import ATTESTED_STATES, DeviceState
 from fleet_server.storage.repo import Repository, Tx, selection_json
@@ -82,6 +83,7 @@ def approve_device(repo: Repository, device_id: str, *, signer: ResultSigner, fl
             cert = x509.load_pem_x509_certificate(cert_pem)
             serial = format(cert.serial_number, "x")
             extra.update(cert_serial=serial, csr=None)
+            record_issued(tx, device_id, cert_pem, now=now)
             result = EnrollResult(request_id=request_id or "0" * 32, status="admitted", reasons=(),
                                   device_cert=cert.public_bytes(serialization.Encoding.DER))
             tx.add_outbox(topics.enroll_down(device_id, DOWN_RESULT),

@@ -58,6 +58,7 @@ from fleet_server.enrollment.credential import make_credential
 from fleet_server.enrollment.request import EnrollmentCandidate, check_enrollment_request, expected_proof
 from fleet_server.service.common import Counters, Outgoing, format_event, log_event
 from fleet_server.service.context import ServiceContext
+from fleet_server.service.crl import record_issued
 from fleet_server.service.models import MODEL_KINDS, ModelService
 from fleet_server.service.policies import ANY_CLASS, MAX_AGE_S, PolicyResolver
 from fleet_server.storage.models import ATTESTED_STATES, HELD_STATES, ChallengeStatus, DeviceState
@@ -865,6 +866,7 @@ class Processor:
         cert_pem = pki.sign_device_csr(self.ctx.fleet_ca, s.csr, s.device_id, now=now / 1000)
         der, serial = _cert_der(cert_pem)
         tx.update_device(s.device_id, {"cert_serial": serial, "csr": None})
+        record_issued(tx, s.device_id, cert_pem, now=now)  # the certificate it replaces goes on the CRL
         return "admitted", der
 
 

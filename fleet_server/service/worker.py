@@ -44,6 +44,7 @@ from fleet_server.config import ServerConfig, load_config
 from fleet_server.migrations import upgrade
 from fleet_server.service.common import Clock, Counters, Outgoing, configure_logging, log_event
 from fleet_server.service.context import ServiceContext
+from fleet_server.service.crl import CrlRenewer
 from fleet_server.service.outbox import OutboxPublisher
 from fleet_server.service.processor import Processor
 from fleet_server.service.scheduler import Scheduler
@@ -367,6 +368,13 @@ def run_workers(config_path: Path, config: ServerConfig, *, workers: int | None 
     if before != after:
         log_event(log, logging.INFO, "database_upgraded", before=before or "empty", after=after)
     count = workers or config.workers
-    if count <= 1:
-        return Worker(config).run_forever(stop=stop)
-    return _Supervisor(config_path, count, stop).run()
+    # One CRL renewer per `run` (in this process, not in each worker).
+    repo = Repository(create_engine(config.database_url))
+    renewer = CrlRenewer(repo, config).start()
+    try:
+        if count <= 1:
+            return Worker(config).run_forever(stop=stop)
+        return _Supervisor(config_path, count, stop).run()
+    finally:
+        renewer.stop()
+        repo.dispose()

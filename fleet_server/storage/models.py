@@ -101,6 +101,19 @@ class HeldLog(SQLModel, table=True):
     sha256: bytes
 
 
+class DeviceCertificate(SQLModel, table=True):
+    """Every operational certificate ever issued to a device (its serial and expiry), so that the CRL
+    can list all of them: a certificate of an earlier enrollment still verifies against the fleet CA
+    until it expires. ``replaced_at`` is set when a newer certificate of the device supersedes it
+    (re-enrollment): from then on it is on the CRL whatever the device's state."""
+
+    serial: str = Field(primary_key=True, max_length=64)                 # hex, as device.cert_serial
+    device_id: str = Field(index=True, foreign_key="device.id", max_length=63)
+    issued_at: int = Field(sa_type=BigInteger)
+    not_after: int = Field(index=True, sa_type=BigInteger)
+    replaced_at: int | None = Field(default=None, sa_type=BigInteger)
+
+
 class PreregisteredEk(SQLModel, table=True):
     """EK certificates an admin registered in advance: such devices are admitted automatically."""
 

@@ -66,6 +66,7 @@ _POLICY: Table = _TABLES["policy"]
 _COUNTER: Table = _TABLES["counter"]
 _OUTBOX: Table = _TABLES["outbox"]
 _HELDLOG: Table = _TABLES["heldlog"]
+_DEVCERT: Table = _TABLES["devicecertificate"]
 
 d = _DEVICE.c
 c = _CHALLENGE.c
@@ -867,6 +868,14 @@ class Tx:
             missed_challenges=0, next_attestation_at=n.next_attestation_at))
         self.insert_state_changes([NewStateChange(n.id, n.now, None, n.state, cause)])
 
+    def record_device_certificate(self, device_id: str, serial: str, *, not_after: int, now: int) -> None:
+        """Record a certificate just issued to ``device_id``; the device's earlier certificates are
+        marked replaced, which puts them on the CRL (:meth:`Repository.crl_serials`) until they expire."""
+        self.conn.execute(update(_DEVCERT).where(_DEVCERT.c.device_id == device_id,
+                                                 _DEVCERT.c.replaced_at.is_(None)).values(replaced_at=now))
+        self.conn.execute(insert(_DEVCERT).values(serial=serial, device_id=device_id, issued_at=now,
+                                                  not_after=not_after, replaced_at=None))
+
     # -- enrollment --------------------------------------------------------------------------------
     def preregistration(self, ek_fingerprint: str) -> PreregistrationRecord | None:
         row = self.conn.execute(select(*_PREREG.c).where(_PREREG.c.ek_fingerprint == ek_fingerprint)).first()
@@ -1025,6 +1034,17 @@ class Repository:
         return ModelReads(self.engine)
 
     # -- devices -----------------------------------------------------------------------------------
+    def crl_serials(self, now: int) -> list[str]:
+        """Serials (hex, sorted) of the unexpired device certificates to refuse: every certificate of a
+        revoked device, and every certificate replaced by a newer one of its device."""
+        cert = _DEVCERT.c
+        stmt = (select(cert.serial).select_from(_DEVCERT.join(_DEVICE, d.id == cert.device_id))
+                .where(cert.not_after > now,
+                       or_(cert.replaced_at.is_not(None), d.state == DeviceState.REVOKED))
+                .order_by(cert.serial))
+        with self._read("listing revoked certificates") as conn:
+            return [r[0] for r in conn.execute(stmt)]
+
     def device(self, device_id: str) -> DeviceRecord | None:
         with self._read("reading a device") as conn:
             row = conn.execute(select(*_DEVICE_COLUMNS).where(d.id == device_id)).first()

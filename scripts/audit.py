@@ -45,6 +45,9 @@ def audit(lock: str) -> bool | None:
             return False
         report = json.loads(out.read_text())
     ok = True
+    skipped = [d["name"] for d in report.get("dependencies", []) if d.get("skip_reason")]
+    if skipped:  # e.g. the service does not know the release: say so, it was not audited
+        print(f"audit: {lock}: {len(skipped)} not audited (unknown to the service): {', '.join(skipped)}")
     for dep in report.get("dependencies", []):
         for vuln in dep.get("vulns", []):
             fixes = vuln.get("fix_versions") or []

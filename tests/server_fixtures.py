@@ -7,7 +7,11 @@ Test modules load them with ``pytest_plugins = ("mqtt_fixtures", "server_fixture
 * ``server_config`` - a :class:`ServerConfig` in a temporary data folder whose fleet CA is the test
   PKI's (so certificates the server issues are accepted by the test broker) and whose trust bundle is
   the simulated TPM manufacturer's.
-* ``repo`` - a :class:`Repository` on a migrated SQLite file; ``ctx`` - the :class:`ServiceContext`.
+* ``database_url`` - the database ``server_config`` uses: a SQLite file in its data folder (or
+  ``$FLEET_TEST_DATABASE_URL``). A module runs its tests on both SQLite and PostgreSQL with
+  ``pytestmark = BOTH_DATABASES``: each test then runs twice, the second time on a fresh database of
+  the session's throwaway PostgreSQL server (``pg_fixtures``, which the module must load too).
+* ``repo`` - a :class:`Repository` on the migrated database; ``ctx`` - the :class:`ServiceContext`.
 * ``processor`` - a :class:`Processor` on ``repo`` and ``ctx``.
 * ``make_device(name, profile="golden", fresh_tpm=False)`` - a booted :class:`SimDevice`.
 * ``golden_policy`` - the reference policy of the golden profile, stored in ``repo``.
@@ -79,14 +83,14 @@ def server_settings(**attestation: Any) -> dict[str, Any]:
 
 
 def make_config(data_dir: Path, fleet_pki: BrokerPki, bundle: Path, *, port: int = 8883,
-                **attestation: Any) -> ServerConfig:
+                database_url: str | None = None, **attestation: Any) -> ServerConfig:
     """A configuration in ``data_dir`` using the test PKI and the manufacturer bundle ``bundle``.
 
-    The database is a SQLite file in ``data_dir``, or ``$FLEET_TEST_DATABASE_URL`` when set (e.g. a
-    PostgreSQL database that the ``repo`` fixture empties before each test).
+    The database is ``database_url``, else ``$FLEET_TEST_DATABASE_URL`` when set (e.g. a PostgreSQL
+    database that the ``repo`` fixture empties before each test), else a SQLite file in ``data_dir``.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    url = os.environ.get("FLEET_TEST_DATABASE_URL") or f"sqlite:///{data_dir / 'fleet.db'}"
+    url = database_url or os.environ.get("FLEET_TEST_DATABASE_URL") or f"sqlite:///{data_dir / 'fleet.db'}"
     return parse_config({
         "server": {"data_dir": str(data_dir), "database_url": url,
                    "signing_key": str(data_dir / "keys" / "result-signing.key"),
@@ -119,9 +123,26 @@ def clock() -> ManualClock:
     return ManualClock(time.time_ns() // 1_000_000 + 120_000)
 
 
+# Runs every test of a module once on SQLite and once on PostgreSQL (``pytestmark = BOTH_DATABASES``):
+# the row locking that lets several workers share one database only exists on PostgreSQL.
+BOTH_DATABASES = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def server_config(tmp_path: Path, fleet_pki: BrokerPki, manufacturer_ca: ManufacturerCA) -> ServerConfig:
-    return make_config(tmp_path / "server", fleet_pki, manufacturer_ca.bundle)
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None (``make_config``'s default: SQLite or ``$FLEET_TEST_DATABASE_URL``), or, when parametrized
+    with "postgresql", a fresh database on the session's PostgreSQL server."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgresql":
+        return str(request.getfixturevalue("postgres_db"))
+    assert backend == "sqlite", backend
+    return None
+
+
+@pytest.fixture
+def server_config(tmp_path: Path, fleet_pki: BrokerPki, manufacturer_ca: ManufacturerCA,
+                  database_url: str | None) -> ServerConfig:
+    return make_config(tmp_path / "server", fleet_pki, manufacturer_ca.bundle, database_url=database_url)
 
 
 @pytest.fixture

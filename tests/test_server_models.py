@@ -508,7 +508,8 @@ def test_leases_expire_are_revoked_and_follow_policy_changes(env: Env, make_devi
 def worker_config(server_config: ServerConfig, fleet_pki: BrokerPki, manufacturer_ca: ManufacturerCA,
                   mqtt_broker: MosquittoBroker) -> ServerConfig:
     assert mqtt_broker.port is not None
-    return make_config(server_config.data_dir, fleet_pki, manufacturer_ca.bundle, port=mqtt_broker.port)
+    return make_config(server_config.data_dir, fleet_pki, manufacturer_ca.bundle, port=mqtt_broker.port,
+                       database_url=server_config.database_url)
 
 
 @pytest.fixture

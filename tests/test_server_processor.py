@@ -45,6 +45,7 @@ from protocol.mqtt import InboundMessage
 
 pytest.register_assert_rewrite("server_fixtures")
 from server_fixtures import (  # noqa: E402
+    BOTH_DATABASES,
     DeviceFactory,
     SimDevice,
     attest_once,
@@ -53,8 +54,8 @@ from server_fixtures import (  # noqa: E402
     replies,
 )
 
-pytest_plugins = ("mqtt_fixtures", "server_fixtures")
-pytestmark = pytest.mark.swtpm
+pytest_plugins = ("mqtt_fixtures", "server_fixtures", "pg_fixtures")
+pytestmark = [pytest.mark.swtpm, BOTH_DATABASES]
 
 
 def _prereg(repo: Repository, device: SimDevice, clock: ManualClock) -> None:

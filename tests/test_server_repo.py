@@ -11,7 +11,11 @@ from fleet_server.storage.models import DeviceState
 from fleet_server.storage.repo import NewAttestation, NewChallenge, NewDevice, Repository
 from protocol.errors import StorageError
 
-pytest_plugins = ("mqtt_fixtures", "server_fixtures")
+pytest.register_assert_rewrite("server_fixtures")
+from server_fixtures import BOTH_DATABASES  # noqa: E402
+
+pytest_plugins = ("mqtt_fixtures", "server_fixtures", "pg_fixtures")
+pytestmark = BOTH_DATABASES
 
 NOW = 1_790_000_000_000
 DAY = 86_400_000

@@ -23,9 +23,10 @@ from protocol import topics
 from protocol.messages import Challenge, decode_signed
 
 pytest.register_assert_rewrite("server_fixtures")
-from server_fixtures import DeviceFactory, SimDevice, attest_once, enroll, one  # noqa: E402
+from server_fixtures import BOTH_DATABASES, DeviceFactory, SimDevice, attest_once, enroll, one  # noqa: E402
 
-pytest_plugins = ("mqtt_fixtures", "server_fixtures")
+pytest_plugins = ("mqtt_fixtures", "server_fixtures", "pg_fixtures")
+pytestmark = BOTH_DATABASES
 
 INTERVAL_MS = 60_000
 

@@ -46,10 +46,10 @@ from protocol.mqtt import MqttClient, TlsFiles
 
 pytest.register_assert_rewrite("mqtt_fixtures", "server_fixtures")
 from mqtt_fixtures import WAIT, ClientFactory, Credentials, RawClient, wait_until  # noqa: E402
-from server_fixtures import DeviceFactory, SimDevice, make_config  # noqa: E402
+from server_fixtures import BOTH_DATABASES, DeviceFactory, SimDevice, make_config  # noqa: E402
 
-pytest_plugins = ("mqtt_fixtures", "server_fixtures")
-pytestmark = pytest.mark.mqtt
+pytest_plugins = ("mqtt_fixtures", "server_fixtures", "pg_fixtures")
+pytestmark = [pytest.mark.mqtt, BOTH_DATABASES]
 
 WorkerFactory = Callable[..., Worker]
 
@@ -59,7 +59,8 @@ def worker_config(
         server_config: ServerConfig, fleet_pki: BrokerPki, manufacturer_ca: ManufacturerCA,
         mqtt_broker: MosquittoBroker) -> ServerConfig:
     assert mqtt_broker.port is not None
-    return make_config(server_config.data_dir, fleet_pki, manufacturer_ca.bundle, port=mqtt_broker.port)
+    return make_config(server_config.data_dir, fleet_pki, manufacturer_ca.bundle, port=mqtt_broker.port,
+                       database_url=server_config.database_url)
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@
 * :func:`large_classifier` - the same interface with hidden layers sized so the weights total about
   ``target_mb`` MB (default 100), for the model-unlock benchmark. Weights come from a cheap
   deterministic pattern, so building 100 MB takes well under a second.
+* :func:`relu_model` - one Relu node stamped with a chosen IR version and opsets, for checking
+  which versions publish accepts and the devices' onnxruntime loads.
 * :func:`reference_scores` - the small classifier evaluated with numpy, to check onnxruntime's answer.
 
 All return the serialised model as ``bytes``; nothing is written to disk.
@@ -25,6 +27,7 @@ __all__ = [
     "classifier_io_signature",
     "large_classifier",
     "reference_scores",
+    "relu_model",
     "small_classifier",
     "small_weights",
 ]
@@ -34,6 +37,8 @@ CLASSES = 10
 HIDDEN = 32
 LABELS = tuple(f"class-{i}" for i in range(CLASSES))
 OPSET = 17
+# Set explicitly on every model built here: helper.make_model stamps the onnx package's newest IR
+# version, which can be newer than the devices' onnxruntime loads (publish refuses such a model).
 IR_VERSION = 8  # readable by every onnxruntime >= 1.14
 
 
@@ -77,6 +82,21 @@ def _mlp(layers: list[tuple[np.ndarray, np.ndarray]], name: str, *, check: bool 
     model.ir_version = IR_VERSION
     if check:  # the checker re-serialises the model: skipped for the 100 MB one, checked by its tests
         onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def relu_model(*, ir_version: int = IR_VERSION, opset: int = OPSET, ml_opset: int | None = None) -> bytes:
+    """``input`` float32 ``[N, 4]`` -> Relu -> ``output``, stamped with ``ir_version`` and the ai.onnx
+    ``opset`` (and an ai.onnx.ml import of ``ml_opset`` if given)."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["output"], name="relu")], "relu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])])
+    opsets = [helper.make_opsetid("", opset)]
+    if ml_opset is not None:
+        opsets.append(helper.make_opsetid("ai.onnx.ml", ml_opset))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edge-attest-testmodel")
+    model.ir_version = ir_version
     return model.SerializeToString()
 
 

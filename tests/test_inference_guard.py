@@ -577,3 +577,11 @@ def test_zeroize(make_buffer: Any) -> None:
     assert bytes(buf) == bytes(600)
     with pytest.raises(TypeError):
         zeroize(memoryview(b"read-only"))
+
+
+def test_runtime_load_failure_carries_onnxruntime_reason() -> None:
+    from firmware_sim.testmodel import relu_model
+
+    with pytest.raises(PackageFormatError,
+                       match="Unsupported model IR version: 14, max supported IR version: 13"):
+        OrtRuntime(relu_model(ir_version=14))

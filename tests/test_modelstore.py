@@ -144,6 +144,7 @@ def test_onnx_io_signature_and_checker() -> None:
                               [helper.make_tensor_value_info("x", TensorProto.STRING, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.STRING, [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # make_model stamps the onnx package's newest, which the devices may not load
     with pytest.raises(MalformedInputError, match="element type"):
         inspect_onnx(model.SerializeToString())
     # The checker runs: a node referring to an undefined input is refused.
@@ -151,6 +152,7 @@ def test_onnx_io_signature_and_checker() -> None:
                                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     bad = helper.make_model(broken, opset_imports=[helper.make_opsetid("", 17)])
+    bad.ir_version = 8
     with pytest.raises(MalformedInputError, match="checker"):
         inspect_onnx(bad.SerializeToString())
     assert onnx.__version__
@@ -335,3 +337,66 @@ def test_publish_without_a_kek_is_refused(data_dir: Path, tmp_path: Path,
     status, _, err = _run(capsys, "model", "publish", str(onnx_file), "--name", "classifier", "--version",
                           "1.0.0", "--config", str(data_dir / "server.toml"))
     assert status == 1 and "no key-encryption key" in err and KEK_ENV in err
+
+
+def _onnxruntime_pin() -> str:
+    lock = Path(__file__).resolve().parents[1] / "requirements" / "agent.lock"
+    pins = [line.split("==", 1)[1].split()[0] for line in lock.read_text().splitlines()
+            if line.startswith("onnxruntime==")]
+    assert len(pins) == 1, pins
+    return pins[0]
+
+
+def test_runtime_limits_are_those_of_the_pinned_onnxruntime() -> None:
+    """The table publish checks against is the agents' onnxruntime: the pin in agent.lock, and the
+    installed onnxruntime (the same pin) loads a model at each limit and refuses one past it."""
+    import onnxruntime as ort
+
+    from firmware_sim.testmodel import relu_model
+    from fleet_server.modelstore.runtime_support import DEVICE_ONNXRUNTIME, limits_for
+
+    assert DEVICE_ONNXRUNTIME == _onnxruntime_pin() == ort.__version__
+    limits = limits_for(DEVICE_ONNXRUNTIME)
+    ir, opset, ml = limits.ir_version, limits.opsets["ai.onnx"], limits.opsets["ai.onnx.ml"]
+
+    def loads(model: bytes) -> bool:
+        try:
+            ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        except Exception:  # onnxruntime's pybind Fail type is not importable portably
+            return False
+        return True
+
+    assert loads(relu_model(ir_version=ir, opset=opset, ml_opset=ml))
+    assert not loads(relu_model(ir_version=ir + 1, opset=opset))
+    assert not loads(relu_model(ir_version=ir, opset=opset + 1))
+    assert not loads(relu_model(ir_version=ir, opset=opset, ml_opset=ml + 1))
+    # and publish's check accepts exactly what loads
+    inspect_onnx(relu_model(ir_version=ir, opset=opset, ml_opset=ml))
+
+
+def test_publish_refuses_models_the_devices_onnxruntime_cannot_load(
+        data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from firmware_sim.testmodel import relu_model
+
+    config = str(data_dir / "server.toml")
+    cases = {
+        "ir": (relu_model(ir_version=14), "model IR version 14 is newer than the devices' onnxruntime 1.31 "
+                                          "supports (13)"),
+        "opset": (relu_model(opset=27), "model opset ai.onnx 27 is newer than the devices' onnxruntime 1.31 "
+                                        "supports (26)"),
+        "ml": (relu_model(ml_opset=6), "model opset ai.onnx.ml 6 is newer than the devices' onnxruntime "
+                                       "1.31 supports (5)"),
+    }
+    for case, (model, reason) in cases.items():
+        path = tmp_path / f"{case}.onnx"
+        path.write_bytes(model)
+        status, out, err = _run(capsys, "model", "publish", str(path), "--name", f"too-new-{case}",
+                                "--version", "1.0.0", "--config", config)
+        assert status == 1 and err == f"fleet-server: {reason}\n" and out == "", (case, err)
+        assert not (data_dir / "models" / f"too-new-{case}").exists()
+    for name, model in (("classifier", small_classifier()), ("relu", relu_model())):
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(model)
+        status, out, err = _run(capsys, "model", "publish", str(path), "--name", name, "--version", "1.0.0",
+                                "--config", config)
+        assert status == 0 and f"published {name} 1.0.0" in out, err

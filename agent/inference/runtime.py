@@ -97,6 +97,18 @@ def edge_session_options(*, threads: int = 1) -> ort.SessionOptions:
     return so
 
 
+def _load_reason(exc: Exception) -> str:
+    # onnxruntime's text is "[ONNXRuntimeError] : 1 : FAIL : <source>:<line> <C++ signature> <reason>";
+    # the reason (e.g. "Unsupported model IR version: 14, max supported IR version: 13") is what an
+    # operator needs, the source location is not. One line, bounded.
+    text = " ".join(str(exc).split())
+    for marker in ("Unsupported model", "ONNX Runtime only", "Current official support"):
+        if marker in text:
+            text = text[text.index(marker):]
+            break
+    return text[:300] or "no reason given"
+
+
 class OrtRuntime:
     """An onnxruntime CPU session over a model held in memory.
 
@@ -116,8 +128,9 @@ class OrtRuntime:
             session = ort.InferenceSession(private, sess_options=edge_session_options(threads=threads),
                                            providers=["CPUExecutionProvider"], enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
+            reason = _load_reason(exc)
             raise PackageFormatError(
-                f"model could not be loaded by onnxruntime ({type(exc).__name__})") from None
+                f"model could not be loaded by onnxruntime ({type(exc).__name__}): {reason}") from None
         finally:
             if wipe_source and not isinstance(model, bytes):
                 zeroize(model)

@@ -4,7 +4,8 @@ The publisher must not sign a package whose manifest promises inputs and outputs
 not have: :func:`inspect_onnx` parses the model with ``onnx``, runs the ONNX checker, and derives
 the :class:`protocol.modelpkg.IoSignature` from the graph's inputs (those that are not initializers)
 and outputs. Dimensions with a fixed positive size keep it; symbolic or unknown ones become dynamic
-(``None``).
+(``None``). A model newer (IR version, opset) than the devices' onnxruntime loads is refused first
+(:mod:`fleet_server.modelstore.runtime_support`).
 
 ``onnx`` is part of the ``sim`` extra; a server that publishes models needs it installed.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleet_server.modelstore.runtime_support import check_loadable
 from protocol.errors import ConfigError, MalformedInputError
 from protocol.modelpkg import DTYPES, IoSignature, PackageFormatError, TensorSpec
 
@@ -53,11 +55,18 @@ def _spec(value_info: Any, side: str) -> TensorSpec:
         raise MalformedInputError(f"model {side} {name!r}: {exc.diagnostics()}") from None
 
 
+def _check_runtime_support(proto: Any) -> None:
+    # before the checker: a model too new for the devices gets the reason with its numbers, not the
+    # checker's (which only knows the onnx package's own, newer, limits)
+    check_loadable(int(proto.ir_version), {o.domain: int(o.version) for o in proto.opset_import})
+
+
 def inspect_onnx(model: bytes) -> IoSignature:
     """Parse and check ``model`` (ONNX protobuf bytes); return its io signature.
 
     Raises :class:`MalformedInputError` if it is not a valid ONNX model or its interface cannot be
-    described in a manifest, :class:`ConfigError` if ``onnx`` is not installed.
+    described in a manifest, :class:`~fleet_server.modelstore.runtime_support.UnsupportedModelError`
+    if the devices' onnxruntime cannot load it, :class:`ConfigError` if ``onnx`` is not installed.
     """
     onnx = _onnx()
     try:
@@ -66,6 +75,7 @@ def inspect_onnx(model: bytes) -> IoSignature:
         raise MalformedInputError(f"not an ONNX model: {type(exc).__name__}") from None
     if not proto.graph.node:
         raise MalformedInputError("not an ONNX model: the graph has no nodes")
+    _check_runtime_support(proto)
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # onnx.checker.ValidationError and protobuf errors

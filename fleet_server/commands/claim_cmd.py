@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server import pki
+from fleet_server.console.audit import record_cli
 from fleet_server.keys import load_model_signing_key, load_signing_key
-from fleet_server.service.cliutil import add_config_argument, emit, load
+from fleet_server.service.cliutil import add_config_argument, emit, load, now_ms, repository
 from protocol.errors import ConfigError
 from protocol.topics import validate_device_id
 
@@ -73,4 +74,7 @@ def _issue(args: argparse.Namespace) -> int:
         model_key = load_model_signing_key(config.models.signing_key)
         pki.write_certificate(out / MODEL_PUBLIC_KEY, model_key.public_pem())
         lines.append(f"  {out / MODEL_PUBLIC_KEY} (model-signing key id {model_key.kid})")
+    with repository(config) as repo:
+        record_cli(repo.engine, "claim.issue", f"device:{device_id}",
+                   {"validity_days": args.validity_days, "out": str(out), "force": args.force}, now=now_ms())
     return emit(lines)

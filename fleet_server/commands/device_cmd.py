@@ -218,6 +218,8 @@ def _crl(args: argparse.Namespace) -> int:
     config = load(args)
     with repository(config) as repo:
         written = write_crl(repo, config, now=now_ms() / 1000, path=args.out)
+        record_cli(repo.engine, "device.crl", f"crl:{written.path}", {"revoked": written.revoked},
+                   now=now_ms())
     return emit([f"CRL {written.path}: {written.revoked} revoked certificate(s), valid "
                  f"{pki.CRL_VALIDITY.days} days; reload the broker (SIGHUP) to apply it"])
 

@@ -33,6 +33,7 @@ from typing import Any
 from fleet_server import config as cfg
 from fleet_server import pki
 from fleet_server.brokerconf import ACL, listener_lines
+from fleet_server.console.audit import record_cli
 from fleet_server.enrollment.ekcert import load_trust_bundle
 from fleet_server.keys import (
     create_model_signing_key,
@@ -43,7 +44,7 @@ from fleet_server.keys import (
 )
 from fleet_server.migrations import upgrade
 from fleet_server.modelstore.kek import create_kek_file, read_kek_file
-from fleet_server.service.cliutil import emit
+from fleet_server.service.cliutil import emit, now_ms
 from fleet_server.storage.db import create_engine, default_database_url, is_sqlite
 from protocol.errors import ConfigError
 
@@ -194,6 +195,9 @@ def _init(args: argparse.Namespace) -> int:
     engine = create_engine(url)
     try:
         before, after = upgrade(engine)
+        if before is not None:  # an existing database: re-running init (maybe --force) is an admin act
+            record_cli(engine, "server.init", f"data-dir:{data_dir}", {"force": force, "schema": after},
+                       now=now_ms())
     finally:
         engine.dispose()
     if is_sqlite(url):

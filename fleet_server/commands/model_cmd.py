@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fleet_server.console.audit import cli_actor, record_cli
 from fleet_server.keys import load_model_signing_key, load_signing_key
 from fleet_server.modelstore import admin
 from fleet_server.modelstore.kek import KEK_ENV, load_kek
@@ -119,7 +120,11 @@ def _publish(args: argparse.Namespace) -> int:
         published = publish_model(repo, model=model, name=args.name, version=args.version,
                                   signing_key=signing_key, kek=kek,
                                   store=PackageStore(config.models.store_dir), now=now_ms(), policy=policy,
-                                  chunk_size=args.chunk_size)
+                                  chunk_size=args.chunk_size, actor=cli_actor())
+        record_cli(repo.engine, "model.publish", f"model:{published.name}",
+                   {"version": published.version, "package_id": published.package_id,
+                    "package_sha256": published.package_sha256.hex(), "package_size": published.package_size,
+                    "signing_key_id": published.signing_key_id, "kek_id": published.kek_id}, now=now_ms())
     if args.json:
         return emit_json({"name": published.name, "version": published.version, "path": str(published.path),
                           "package_id": published.package_id, "package_size": published.package_size,
@@ -221,7 +226,10 @@ def _entitle(args: argparse.Namespace) -> int:
     config = load(args)
     with repository(config) as repo:
         created = admin.entitle(repo, args.name, device_class=args.device_class, device_id=args.device,
-                                now=now_ms())
+                                now=now_ms(), actor=cli_actor())
+        record_cli(repo.engine, "model.entitle", f"model:{args.name}",
+                   {"kind": "class" if args.device_class else "device",
+                    "subject": args.device_class or args.device, "created": created}, now=now_ms())
         unknown = args.device is not None and repo.device(args.device) is None
     who = f"device class {args.device_class}" if args.device_class else f"device {args.device}"
     note = " (no such device yet: the entitlement waits for it)" if unknown else ""
@@ -233,7 +241,12 @@ def _revoke(args: argparse.Namespace) -> int:
     signer = load_signing_key(config.signing_key)
     with repository(config) as repo:
         result = admin.revoke_entitlement(repo, args.name, signer=signer, device_class=args.device_class,
-                                          device_id=args.device, now=now_ms())
+                                          device_id=args.device, now=now_ms(), actor=cli_actor())
+        record_cli(repo.engine, "model.withdraw", f"model:{args.name}",
+                   {"kind": "class" if args.device_class else "device",
+                    "subject": args.device_class or args.device, "removed": result.removed,
+                    "leases_revoked": len(result.revoked),
+                    "devices_denied": sorted({x.device_id for x in result.revoked})}, now=now_ms())
     who = f"device class {args.device_class}" if args.device_class else f"device {args.device}"
     if not result.removed:
         return emit([f"{who} had no entitlement to model {args.name}; nothing changed"])
@@ -247,7 +260,12 @@ def _policy(args: argparse.Namespace) -> int:
     with repository(config) as repo:
         if args.settings:
             change = admin.set_policy(repo, args.name, args.settings, version=args.version, now=now_ms(),
-                                      signer=load_signing_key(config.signing_key))
+                                      signer=load_signing_key(config.signing_key), actor=cli_actor())
+            before, after = change.before.to_json(), change.after.to_json()
+            record_cli(repo.engine, "model.policy", f"model:{args.name}",
+                       {"version": change.version, "superseded": change.superseded,
+                        "changed": {k: {"from": before[k], "to": after[k]} for k in after
+                                    if before[k] != after[k]}}, now=now_ms())
             version, policy, superseded = change.version, change.after, change.superseded
         else:
             versions = repo.models.versions(args.name)

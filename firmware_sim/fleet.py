@@ -603,7 +603,7 @@ class FleetHarness:
         name, profile = cfg.effective_model_name, get_profile("golden")
         policy = [] if cfg.model_policy is None else ["--policy", str(cfg.model_policy)]
         argv = ["model", "publish", str(cfg.model), "--name", name, "--version", cfg.model_version, *policy,
-                "--json", "--config", str(self.server_config)]
+                "--deploy", "--json", "--config", str(self.server_config)]
         published = json.loads(_run_cli(fleet_server, argv, "fleet-server model publish"))
         self.model_signature = IoSignature.from_json(published["io_signature"], "io_signature")
         _run_cli(fleet_server, ["model", "entitle", name, "--device-class", profile.device_class,

@@ -68,6 +68,7 @@ def publish_test_model(svc: ConsoleServices, name: str = MODEL, version: str = "
     publish_model(svc.repo, model=small_classifier(seed), name=name, version=version,
                   signing_key=load_model_signing_key(config.models.signing_key), kek=kek,
                   store=PackageStore(config.models.store_dir), now=svc.now(), actor="test")
+    model_admin.deploy(svc.repo, name, version, now=svc.now(), actor="test")
 
 
 def flush_counters(svc: ConsoleServices, processor: Processor, worker: str = "test-worker") -> None:

@@ -96,6 +96,7 @@ def test_operator_publishes_entitles_and_the_device_serves_the_model_until_revok
         model = small_classifier(seed=5)
         model_file.write_bytes(model)
         assert cli(["model", "publish", str(model_file), "--name", "classifier", "--version", "1.0.0",
+                    "--deploy",
                     "--chunk-size", "1024", "--config", config]) == 0
         assert cli(["model", "entitle", "classifier", "--device-class", "edge-camera",
                     "--config", config]) == 0
@@ -148,6 +149,7 @@ def test_a_policy_change_rekeys_the_device_and_a_withdrawn_entitlement_locks_it(
         model_file = tmp_path / "classifier.onnx"
         model_file.write_bytes(small_classifier(seed=6))
         assert cli(["model", "publish", str(model_file), "--name", "classifier", "--version", "1.0.0",
+                    "--deploy",
                     "--config", config]) == 0
         assert cli(["model", "entitle", "classifier", "--device-class", "edge-camera",
                     "--config", config]) == 0

@@ -119,6 +119,9 @@ AUDITED: dict[Command, Case] = {
     ("model", "publish"): Case(
         lambda env: ["model", "publish", _onnx(env), "--name", "classifier", "--version", "1.0.0", *_c(env)],
         "model.publish", _fixed("model:classifier")),
+    ("model", "deploy"): Case(
+        lambda env: ["model", "deploy", "classifier", "1.0.0", *_c(env)],
+        "model.deploy", _fixed("model:classifier")),
     ("model", "entitle"): Case(
         lambda env: ["model", "entitle", "classifier", "--device-class", "edge-camera", *_c(env)],
         "model.entitle", _fixed("model:classifier")),

@@ -81,11 +81,16 @@ class Env:
     models: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     def publish(self, version: str = "1.0.0", *, seed: int = 0,
-                policy: ModelPolicy | None = None) -> Published:
+                policy: ModelPolicy | None = None, deploy: bool = True) -> Published:
+        """Publish (and, by default, deploy: publishing alone reaches no device) a version."""
         model = small_classifier(seed=seed)
         self.models[version] = model
-        return publish_model(self.repo, model=model, name=NAME, version=version, signing_key=self.signing,
-                             kek=self.kek, store=self.store, now=self.clock.now_ms(), policy=policy)
+        published = publish_model(self.repo, model=model, name=NAME, version=version,
+                                  signing_key=self.signing, kek=self.kek, store=self.store,
+                                  now=self.clock.now_ms(), policy=policy)
+        if deploy:
+            model_admin.deploy(self.repo, NAME, version, now=self.clock.now_ms())
+        return published
 
     def entitle(self, *, device_class: str | None = None, device_id: str | None = None) -> None:
         model_admin.entitle(self.repo, NAME, device_class=device_class, device_id=device_id,
@@ -183,6 +188,29 @@ def fetch_all(env: Env, dev: SimDevice, version: str, total: int, step: int) -> 
 # --------------------------------------------------------------------------------------------------
 # offers, release, renewal
 # --------------------------------------------------------------------------------------------------
+def test_published_version_reaches_devices_only_once_deployed(env: Env, make_device: DeviceFactory) -> None:
+    env.publish("1.0.0", deploy=False)
+    env.entitle(device_class=DEVICE_CLASS)
+    dev, first = trusted(env, make_device, "cam-1")
+    assert first.offers == []  # published, not deployed: nothing to offer
+    payload, _ = key_request(dev, first.selection)
+    release, denied = ask_key(env, dev, payload)  # asking anyway is refused
+    assert release is None and denied is not None and "not deployed" in denied.reasons[0]
+    assert model_admin.deploy(env.repo, NAME, "1.0.0", now=env.clock.now_ms()).deployed
+    env.clock.advance(1_000)
+    [offer] = attest(env, dev, "manual").offers
+    assert [r.version for r in offer.models] == ["1.0.0"]
+    # A newer published version does not replace the deployed one until it is deployed too.
+    env.publish("1.1.0", seed=1, deploy=False)
+    env.clock.advance(1_000)
+    [offer] = attest(env, dev, "manual").offers
+    assert [r.version for r in offer.models] == ["1.0.0"]
+    model_admin.deploy(env.repo, NAME, "1.1.0", now=env.clock.now_ms())
+    env.clock.advance(1_000)
+    [offer] = attest(env, dev, "manual").offers
+    assert [r.version for r in offer.models] == ["1.1.0"]
+
+
 def test_offer_release_unwrap_and_renewal(env: Env, make_device: DeviceFactory, tmp_path: Path) -> None:
     published = env.publish("1.0.0")
     env.entitle(device_class=DEVICE_CLASS)

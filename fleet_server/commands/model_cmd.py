@@ -3,7 +3,10 @@
 * ``model publish FILE.onnx --name NAME --version V [--policy FILE.toml] [--chunk-size BYTES]`` -
   validate the ONNX model, encrypt it under a fresh data key into a signed package
   (``<models.store_dir>/NAME/V.pkg``), seal the data key under the KEK; V must be newer than every
-  published version of NAME
+  published version of NAME. Publishing is not deploying: devices get the version only after
+  ``model deploy`` (``--deploy`` does both; the CLI operator holds ``model:deploy``)
+* ``model deploy NAME VERSION`` - entitled devices are offered VERSION with their next trusted
+  attestation (until then they keep the previously deployed version, or nothing); audited
 * ``model list [--json]``, ``model show NAME [--json]`` - versions, entitlements, leases, usage
 * ``model entitle NAME (--device-class C | --device ID)``
 * ``model revoke-entitlement NAME (--device-class C | --device ID)`` - devices no longer entitled
@@ -40,6 +43,7 @@ from fleet_server.service.cliutil import (
     table,
 )
 from fleet_server.storage.model_repo import VersionRecord
+from fleet_server.storage.repo import Repository
 from protocol.errors import ConfigError
 from protocol.messages import ModelPolicy
 
@@ -61,9 +65,21 @@ def register(subparsers: Any) -> None:
                      help="usage policy (default: the newest version's, else the defaults)")
     pub.add_argument("--chunk-size", type=int, default=1 << 20, metavar="BYTES",
                      help="encryption chunk size (default 1 MiB)")
+    pub.add_argument("--deploy", action="store_true",
+                     help="deploy the version at once (otherwise devices keep the deployed version)")
     pub.add_argument("--json", action="store_true", help="print JSON")
     add_config_argument(pub)
     pub.set_defaults(handler=_publish)
+
+    dep = sub.add_parser("deploy", help="deploy a published version to the entitled devices",
+                         description="Deploy a published version: entitled devices are offered it with "
+                                     "their next trusted attestation. Until then they keep the previously "
+                                     "deployed version (or nothing).")
+    dep.add_argument("name", metavar="NAME")
+    dep.add_argument("version", metavar="VERSION")
+    dep.add_argument("--json", action="store_true", help="print JSON")
+    add_config_argument(dep)
+    dep.set_defaults(handler=_deploy)
 
     ls = sub.add_parser("list", help="list models")
     ls.add_argument("--json", action="store_true", help="print JSON")
@@ -125,8 +141,11 @@ def _publish(args: argparse.Namespace) -> int:
                    {"version": published.version, "package_id": published.package_id,
                     "package_sha256": published.package_sha256.hex(), "package_size": published.package_size,
                     "signing_key_id": published.signing_key_id, "kek_id": published.kek_id}, now=now_ms())
+        deployment = _deploy_recorded(repo, published.name, published.version) if args.deploy else None
+    deployed = deployment is not None
     if args.json:
-        return emit_json({"name": published.name, "version": published.version, "path": str(published.path),
+        return emit_json({"deployed": deployed, "name": published.name, "version": published.version,
+                          "path": str(published.path),
                           "package_id": published.package_id, "package_size": published.package_size,
                           "package_sha256": published.package_sha256.hex(),
                           "plaintext_size": published.plaintext_size,
@@ -145,7 +164,33 @@ def _publish(args: argparse.Namespace) -> int:
         "  inputs         " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in sig.inputs),
         "  outputs        " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in sig.outputs),
         "  policy:", *_policy_lines(published.policy, "    "),
+        "  deployed: entitled devices are offered it with their next trusted attestation" if deployed else
+        "  not deployed: devices get it after "
+        f"`fleet-server model deploy {published.name} {published.version}`",
     ])
+
+
+def _deploy_recorded(repo: Repository, name: str, version: str) -> admin.Deployment:
+    now = now_ms()
+    deployment = admin.deploy(repo, name, version, now=now, actor=cli_actor())
+    if deployment.deployed:
+        record_cli(repo.engine, "model.deploy", f"model:{name}",
+                   {"version": version, "previous": deployment.previous}, now=now)
+    return deployment
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    config = load(args)
+    with repository(config) as repo:
+        deployment = _deploy_recorded(repo, args.name, args.version)
+    if args.json:
+        return emit_json({"name": deployment.name, "version": deployment.version,
+                          "deployed": deployment.deployed, "previous": deployment.previous})
+    if not deployment.deployed:
+        return emit([f"{args.name} {args.version} was already deployed; nothing changed"])
+    before = f" (was {deployment.previous})" if deployment.previous else ""
+    return emit([f"deployed {args.name} {args.version}{before}: entitled devices are offered it with their "
+                 "next trusted attestation"])
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -153,14 +198,14 @@ def _list(args: argparse.Namespace) -> int:
     with repository(config) as repo:
         models = repo.models.models()
     if args.json:
-        return emit_json([{"name": x.name, "newest": x.newest, "versions": x.versions,
+        return emit_json([{"name": x.name, "newest": x.newest, "deployed": x.deployed, "versions": x.versions,
                            "entitlements": x.entitlements, "active_leases": x.active_leases,
                            "created_at": x.created_at} for x in models])
     if not models:
         return emit(["no models"])
-    rows = [[x.name, x.newest or "-", str(x.versions), str(x.entitlements), str(x.active_leases)]
-            for x in models]
-    return emit(table(["NAME", "NEWEST", "VERSIONS", "ENTITLEMENTS", "ACTIVE LEASES"], rows))
+    rows = [[x.name, x.newest or "-", x.deployed or "-", str(x.versions), str(x.entitlements),
+             str(x.active_leases)] for x in models]
+    return emit(table(["NAME", "NEWEST", "DEPLOYED", "VERSIONS", "ENTITLEMENTS", "ACTIVE LEASES"], rows))
 
 
 def _version_json(x: VersionRecord) -> dict[str, Any]:
@@ -169,6 +214,7 @@ def _version_json(x: VersionRecord) -> dict[str, Any]:
             "plaintext_size": x.plaintext_size, "plaintext_sha256": _b64(x.plaintext_sha256),
             "ciphertext_sha256": _b64(x.ciphertext_sha256), "signing_key_id": x.signing_key_id,
             "kek_id": x.kek_id, "created_at": x.created_at, "created_by": x.created_by,
+            "deployed_at": x.deployed_at, "deployed_by": x.deployed_by,
             "policy": json.loads(x.policy), "manifest": json.loads(x.manifest)}
 
 
@@ -202,7 +248,9 @@ def _show(args: argparse.Namespace) -> int:
                         for x in clients]})
     lines = [f"model {model.name} (created {iso(model.created_at)})", "  versions (newest first):"]
     lines += [f"    {x.version:<12} {x.package_size:>12} bytes  {iso(x.created_at)}  sha256 "
-              f"{x.package_sha256.hex()[:16]}  key {x.signing_key_id}  kek {x.kek_id}" for x in versions]
+              f"{x.package_sha256.hex()[:16]}  key {x.signing_key_id}  kek {x.kek_id}  "
+              + (f"deployed {iso(x.deployed_at)}" if x.deployed_at is not None else "not deployed")
+              for x in versions]
     if versions:
         lines.append(f"  policy of {versions[0].version}:")
         lines += _policy_lines(policy_from_text(versions[0].policy), "    ")

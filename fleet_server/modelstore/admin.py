@@ -7,6 +7,11 @@ agent zeroizes the data key of that model on it. Changing a version's policy sup
 active leases and queues, for every trusted device that held one, a signed ``model-offer`` of that
 version: the agent asks for the key again and receives the new policy in a new key release (a lost
 offer is repeated with the device's next trusted attestation).
+
+Publishing is not deploying: a published version reaches devices only after :func:`deploy` (by a
+principal holding ``model:deploy``); until then they keep the newest deployed version, or nothing.
+A policy change that loosens limits (:func:`fleet_server.modelstore.policy.loosened`) likewise needs
+``model:deploy`` (``may_loosen``); tightening stays with ``model:write``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fleet_server.keys import ResultSigner
-from fleet_server.modelstore.policy import apply_settings, policy_from_text, policy_json
+from fleet_server.modelstore.policy import apply_settings, loosened, policy_from_text, policy_json
 from fleet_server.modelstore.store import check_name, check_version
 from fleet_server.service.models import DOWN_KEY_DENIED, DOWN_MODEL_OFFER
 from fleet_server.storage.model_repo import LeaseRecord
@@ -26,8 +31,8 @@ from protocol.errors import EdgeError
 from protocol.messages import NAME_RE, KeyDenied, ModelOffer, ModelPolicy, ModelRef
 from protocol.topics import validate_device_id
 
-__all__ = ["ModelAdminError", "PolicyChange", "Withdrawal", "entitle", "revoke_entitlement", "set_policy",
-           "subject"]
+__all__ = ["Deployment", "LooseningRefused", "ModelAdminError", "PolicyChange", "Withdrawal", "deploy",
+           "entitle", "revoke_entitlement", "set_policy", "subject"]
 
 
 _HELD = (LeaseState.ACTIVE, LeaseState.SUPERSEDED)  # leases whose key the device may still hold
@@ -35,6 +40,45 @@ _HELD = (LeaseState.ACTIVE, LeaseState.SUPERSEDED)  # leases whose key the devic
 
 class ModelAdminError(EdgeError):
     """An administrator's request on models cannot be carried out (unknown model or version...)."""
+
+
+class LooseningRefused(ModelAdminError):
+    """A policy change would loosen limits and the principal does not hold ``model:deploy``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """The outcome of :func:`deploy`."""
+
+    name: str
+    version: str
+    deployed: bool
+    """False if the version was already deployed (nothing changed)."""
+    previous: str | None
+    """The newest version deployed before (what devices were offered until now), or None."""
+
+
+def deploy(repo: Repository, name: str, version: str, *, now: int, actor: str = "admin") -> Deployment:
+    """Deploy ``version`` of ``name``: entitled devices are offered it with their next trusted
+    attestation. Refused for a version older than the newest deployed one (roll back by publishing
+    and deploying a newer version)."""
+    check_version(version)
+    with repo.write("deploying a model version") as tx:
+        models = tx.models
+        model = models.model(check_name(name))
+        if model is None:
+            raise ModelAdminError(f"no model {name!r}")
+        versions = models.versions(model.id, lock=True)
+        chosen = next((x for x in versions if x.version == version), None)
+        if chosen is None:
+            raise ModelAdminError(f"model {name} has no version {version}")
+        current = next((x for x in versions if x.deployed), None)  # newest first
+        if chosen.deployed:
+            return Deployment(name, version, False, None if current is None else current.version)
+        if current is not None and current.order > chosen.order:
+            raise ModelAdminError(f"{name} {version} is older than the deployed version {current.version}")
+        models.deploy_version(chosen.id, now=now, actor=actor)
+    return Deployment(name, version, True, None if current is None else current.version)
 
 
 def subject(*, device_class: str | None, device_id: str | None) -> tuple[str, str]:
@@ -110,10 +154,13 @@ class PolicyChange:
 
 
 def set_policy(repo: Repository, name: str, settings: Sequence[str], *, now: int, version: str | None = None,
-               actor: str = "admin", signer: ResultSigner | None = None) -> PolicyChange:
+               actor: str = "admin", signer: ResultSigner | None = None,
+               may_loosen: bool = True) -> PolicyChange:
     """Apply ``key=value`` settings to the policy of ``version`` (default: the newest) of ``name``.
 
-    With ``signer``, the trusted devices whose lease was superseded are sent a new offer at once."""
+    With ``signer``, the trusted devices whose lease was superseded are sent a new offer at once.
+    Without ``may_loosen`` (the principal lacks ``model:deploy``) a change that loosens the policy
+    is refused with :class:`LooseningRefused`."""
     with repo.write("changing a model policy") as tx:
         models = tx.models
         model = models.model(check_name(name))
@@ -131,6 +178,10 @@ def set_policy(repo: Repository, name: str, settings: Sequence[str], *, now: int
             raise ModelAdminError(f"model {name} has no published version")
         before = policy_from_text(chosen.policy)
         after = apply_settings(before, list(settings))
+        looser = loosened(before, after)
+        if looser and not may_loosen:
+            raise LooseningRefused(f"loosening the policy of {name} {chosen.version} ({', '.join(looser)}) "
+                                   "needs the model:deploy right")
         superseded = 0
         if after != before:
             models.set_policy(chosen.id, policy_json(after))

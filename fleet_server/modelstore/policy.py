@@ -19,8 +19,8 @@ from protocol.encoding import JsonValue, canonical_bytes
 from protocol.errors import ConfigError, MessageError
 from protocol.messages import ModelPolicy
 
-__all__ = ["FIELDS", "MAX_POLICY_BYTES", "apply_settings", "policy_from_mapping", "policy_from_text",
-           "policy_from_toml", "policy_json"]
+__all__ = ["FIELDS", "MAX_POLICY_BYTES", "apply_settings", "loosened", "policy_from_mapping",
+           "policy_from_text", "policy_from_toml", "policy_json"]
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelPolicy))
 _OPTIONAL = frozenset({"client_daily_quota", "device_daily_quota", "lease_quota"})
@@ -29,6 +29,29 @@ _NONE_WORDS = frozenset({"none", "null", "unlimited", ""})
 _TRUE, _FALSE = frozenset({"true", "yes", "on", "1"}), frozenset({"false", "no", "off", "0"})
 # A key release (signed, at most 64 KiB, payload base64-encoded inside) must still fit.
 MAX_POLICY_BYTES = 40 * 1024
+
+
+# Output modes from the least to the most revealing (protocol.messages.OUTPUT_MODES).
+_REVEALING = {"label": 0, "topk": 1, "full": 2}
+_LIMITS = ("k", "decimals", "max_batch", "client_rate", "client_burst", "client_daily_quota",
+           "device_daily_quota", "lease_quota")
+
+
+def _limit(value: int | None) -> float:
+    return float("inf") if value is None else float(value)  # a missing quota is unlimited
+
+
+def loosened(before: ModelPolicy, after: ModelPolicy) -> tuple[str, ...]:
+    """The keys whose change from ``before`` to ``after`` loosens the policy: a more revealing
+    output mode, more top-k labels or decimals, higher rates, batches or quotas (``None`` is
+    unlimited), alarm blocking turned off. Loosening needs ``model:deploy``; tightening does not."""
+    out = []
+    if _REVEALING.get(after.output_mode, 3) > _REVEALING.get(before.output_mode, 3):
+        out.append("output_mode")
+    out += [key for key in _LIMITS if _limit(getattr(after, key)) > _limit(getattr(before, key))]
+    if before.block_on_alarm and not after.block_on_alarm:
+        out.append("block_on_alarm")
+    return tuple(out)
 
 
 def policy_json(policy: ModelPolicy) -> str:

@@ -22,7 +22,7 @@ Device -> server (``fleet/v1/devices/<id>/up/<kind>``):
   alert per device, model and client).
 
 Server -> device: ``model-offer`` (signed :class:`ModelOffer`, with a trusted attestation result,
-listing the newest version of every model the device is entitled to and holds no active lease
+listing the newest deployed version of every model the device is entitled to and holds no active lease
 for: a lost offer is repeated with the next trusted result, and stops once the device holds the
 key), ``model-chunk``, ``key-release``, ``key-denied``.
 
@@ -338,6 +338,8 @@ class ModelService:
         version = models.version(req.name, req.version)
         if version is None:
             raise _Refused("model_unknown", f"no published model {what}")
+        if not version.deployed:  # published but not deployed: no device may have it yet
+            raise _Refused("not_deployed", f"model {what} is not deployed")
         if not models.entitled(version.model_id, device_id, device.device_class):
             raise _Refused("not_entitled", f"device {device_id} is not entitled to model {req.name}")
         kek = self.ctx.kek
@@ -495,6 +497,8 @@ class ModelService:
         version = tx.version(fetch.name, fetch.version)
         if version is None:
             raise _Refused("model_unknown", f"no published model {fetch.name} {fetch.version}", reply=False)
+        if not version.deployed:
+            raise _Refused("not_deployed", f"model {fetch.name} {fetch.version} is not deployed", reply=False)
         if not tx.entitled(version.model_id, item.device_id, device_class):
             raise _Refused("not_entitled", f"device {item.device_id} is not entitled to model {fetch.name}",
                            reply=False)

@@ -112,6 +112,13 @@ class VersionRecord:
     manifest: str
     created_at: int
     created_by: str
+    deployed_at: int | None = None
+    deployed_by: str = ""
+
+    @property
+    def deployed(self) -> bool:
+        """True once a principal holding ``model:deploy`` deployed it (devices may receive it)."""
+        return self.deployed_at is not None
 
     @property
     def order(self) -> tuple[int, int, int]:
@@ -129,6 +136,8 @@ class ModelSummary:
     newest: str | None
     entitlements: int
     active_leases: int
+    deployed: str | None = None
+    """The newest deployed version (the one devices are offered), or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +251,7 @@ class AlertRecord:
 _VERSION_COLUMNS = (v.id, v.model_id, m.name, v.version, v.package_id, v.package_path, v.package_size,
                     v.package_sha256, v.plaintext_size, v.plaintext_sha256, v.ciphertext_sha256,
                     v.signing_key_id, v.kek_id, v.data_key_nonce, v.encrypted_data_key, v.policy,
-                    v.manifest, v.created_at, v.created_by)
+                    v.manifest, v.created_at, v.created_by, v.deployed_at, v.deployed_by)
 _LEASE_COLUMNS = (le.lease_id, le.device_id, m.name, le.version, le.state, le.issued_at, le.expires_at,
                   le.renewed_at, le.revoked_at, le.reason, le.key_name)
 
@@ -257,7 +266,8 @@ def _version(r: object) -> VersionRecord:
         ciphertext_sha256=bytes(x["ciphertext_sha256"]), signing_key_id=x["signing_key_id"],
         kek_id=x["kek_id"], data_key_nonce=bytes(x["data_key_nonce"]),
         encrypted_data_key=bytes(x["encrypted_data_key"]), policy=x["policy"], manifest=x["manifest"],
-        created_at=x["created_at"], created_by=x["created_by"])
+        created_at=x["created_at"], created_by=x["created_by"], deployed_at=x["deployed_at"],
+        deployed_by=x["deployed_by"] or "")
 
 
 def _lease(r: object) -> LeaseRecord:
@@ -307,7 +317,8 @@ def _entitlement_statement(binds: list[Any]) -> Any:
 
 def _versions_statement(binds: list[Any]) -> Any:
     return (select(v.model_id, m.name, v.version, v.package_size, v.package_sha256)
-            .select_from(_VERSION.join(_MODEL, m.id == v.model_id)).where(v.model_id.in_(binds)))
+            .select_from(_VERSION.join(_MODEL, m.id == v.model_id))
+            .where(v.model_id.in_(binds), v.deployed_at.is_not(None)))
 
 
 def _held_statement(binds: list[Any]) -> Any:
@@ -362,8 +373,14 @@ class ModelTx:
             plaintext_sha256=n.plaintext_sha256, ciphertext_sha256=n.ciphertext_sha256,
             signing_key_id=n.signing_key_id, kek_id=n.kek_id, data_key_nonce=n.data_key_nonce,
             encrypted_data_key=n.encrypted_data_key, policy=n.policy, manifest=n.manifest,
-            created_at=n.created_at, created_by=n.created_by[:64]).returning(v.id))
+            created_at=n.created_at, created_by=n.created_by[:64], deployed_at=None,
+            deployed_by="").returning(v.id))
         return int(result.scalar_one())
+
+    def deploy_version(self, version_id: int, *, now: int, actor: str) -> None:
+        """Mark a version deployed: from now on devices are offered it (if it is the newest deployed)."""
+        self.conn.execute(update(_VERSION).where(v.id == version_id)
+                          .values(deployed_at=now, deployed_by=actor[:64]))
 
     def set_policy(self, version_id: int, policy: str) -> None:
         self.conn.execute(update(_VERSION).where(v.id == version_id).values(policy=policy))
@@ -501,8 +518,9 @@ class ModelTx:
 
     # -- offers ------------------------------------------------------------------------------------
     def offers(self, devices: Sequence[tuple[str, str]]) -> dict[str, list[OfferedVersion]]:
-        """For (device id, class) pairs: the newest version of each model the device is entitled to
-        and holds no active lease for."""
+        """For (device id, class) pairs: the newest deployed version of each model the device is
+        entitled to and holds no active lease for (published but undeployed versions are never
+        offered)."""
         if not devices:
             return {}
         ids = {d for d, _ in devices}
@@ -532,7 +550,7 @@ class ModelTx:
         for device_id, mids in by_device.items():
             for mid in sorted(mids):
                 if mid not in newest:
-                    continue  # entitled to a model with no published version yet
+                    continue  # entitled to a model with no deployed version yet
                 name, version, size, sha = newest[mid]
                 if (device_id, mid, version) not in held:
                     out.setdefault(device_id, []).append(OfferedVersion(device_id, name, version, size, sha))
@@ -609,15 +627,19 @@ class ModelReads:
         with self.reading("listing models") as tx:
             names = tx.conn.execute(select(m.id, m.name, m.created_at).order_by(m.name)).all()
             versions: dict[int, list[str]] = {}
-            for r in tx.conn.execute(select(v.model_id, v.version)):
+            deployed: dict[int, list[str]] = {}
+            for r in tx.conn.execute(select(v.model_id, v.version, v.deployed_at)):
                 versions.setdefault(r.model_id, []).append(r.version)
+                if r.deployed_at is not None:
+                    deployed.setdefault(r.model_id, []).append(r.version)
             ents: dict[int, int] = {r[0]: int(r[1]) for r in tx.conn.execute(
                 select(e.model_id, func.count()).group_by(e.model_id))}
             leases: dict[int, int] = {r[0]: int(r[1]) for r in tx.conn.execute(
                 select(le.model_id, func.count()).where(le.state == LeaseState.ACTIVE).group_by(le.model_id))}
         return [ModelSummary(name=r.name, created_at=r.created_at, versions=len(versions.get(r.id, [])),
                              newest=max(versions[r.id], key=parse_version) if versions.get(r.id) else None,
-                             entitlements=int(ents.get(r.id, 0)), active_leases=int(leases.get(r.id, 0)))
+                             entitlements=int(ents.get(r.id, 0)), active_leases=int(leases.get(r.id, 0)),
+                             deployed=max(deployed[r.id], key=parse_version) if deployed.get(r.id) else None)
                 for r in names]
 
     def model(self, name: str) -> ModelRecord | None:

@@ -6,6 +6,9 @@ Secrets: a version's data key is stored only sealed under the key-encryption key
 package id); :mod:`fleet_server.modelstore.kek`), never in the clear. Packages themselves are files
 (``package_path``, relative to ``[models] store_dir``): ciphertext behind a signed manifest.
 
+A version is offered to devices only once deployed (``deployed_at`` set, by a principal holding
+``model:deploy``; migration 0005): until then they keep the newest deployed version, or nothing.
+
 Lease states: ``active`` (released, renewed by trusted attestations), ``expired`` (not renewed in
 time), ``revoked`` (the device became untrusted, revoked or quarantined, or lost its entitlement),
 ``superseded`` (a newer release to the same device, or the version's policy changed: the device is
@@ -68,6 +71,9 @@ class ModelVersion(SQLModel, table=True):
     created_at: int = Field(sa_type=BigInteger)
     created_by: str = Field(default="", max_length=64)
     manifest: str                                                        # the signed manifest JSON
+    # Publishing is not deploying: devices are offered only deployed versions (model:deploy).
+    deployed_at: int | None = Field(default=None, sa_type=BigInteger)
+    deployed_by: str = Field(default="", max_length=64)
 
 
 class Entitlement(SQLModel, table=True):

@@ -317,11 +317,14 @@ def test_publish_policy_entitle_and_retire(client: FlaskClient, svc: ConsoleServ
 
     # Policy: model:write.
     _error(client.patch(f"{API}/models/{MODEL}/versions/1.1.0/policy", headers=prod, json={"k": 3}), 403)
+    # Loosening (more top-k labels) needs model:deploy; tightening stays with model:write.
+    _error(client.patch(f"{API}/models/{MODEL}/versions/1.1.0/policy", headers=ds, json={"k": 3}), 403,
+           "model:deploy")
     change = client.patch(f"{API}/models/{MODEL}/versions/1.1.0/policy", headers=ds,
-                          json={"k": 3, "lease_quota": 500, "labels": ["cat", "dog"]})
+                          json={"k": 1, "lease_quota": 500, "labels": ["cat", "dog"]})
     assert change.status_code == 200
-    assert change.get_json()["after"]["k"] == 3 and change.get_json()["after"]["labels"] == ["cat", "dog"]
-    assert _last_audit(svc).details_dict()["changed"]["k"] == {"from": 2, "to": 3}
+    assert change.get_json()["after"]["k"] == 1 and change.get_json()["after"]["labels"] == ["cat", "dog"]
+    assert _last_audit(svc).details_dict()["changed"]["k"] == {"from": 2, "to": 1}
     _error(client.patch(f"{API}/models/{MODEL}/versions/1.1.0/policy", headers=ds, json={"k": "3"}), 400)
     _error(client.patch(f"{API}/models/{MODEL}/versions/1.1.0/policy", headers=ds, json={"z": 1}), 400)
     _error(client.patch(f"{API}/models/{MODEL}/versions/1.1.0/policy", headers=ds, json={}), 400)
@@ -467,9 +470,12 @@ def test_console_model_pages_and_actions(app: Flask, svc: ConsoleServices, users
     assert no_csrf.status_code == 400
     changed = writer.post(f"/models/{MODEL}/versions/2.0.0/policy",
                           data={"csrf_token": csrf,
-                                "settings": "output_mode=topk\nk=4\n# comment\nlease_quota=none"})
-    assert changed.status_code == 303
-    assert json.loads(svc.repo.models.version(MODEL, "2.0.0").policy)["k"] == 4  # type: ignore[union-attr]
+                                "settings": "output_mode=label\nk=1\n# comment\nlease_quota=1"})
+    assert changed.status_code == 303  # tightening: model:write is enough
+    assert json.loads(svc.repo.models.version(MODEL, "2.0.0").policy)["k"] == 1  # type: ignore[union-attr]
+    looser = writer.post(f"/models/{MODEL}/versions/2.0.0/policy",
+                         data={"csrf_token": csrf, "settings": "lease_quota=none"})
+    assert looser.status_code == 403 and b"model:deploy" in looser.data
     bad = writer.post(f"/models/{MODEL}/versions/2.0.0/policy",
                       data={"csrf_token": csrf, "settings": "k=zero"})
     assert bad.status_code == 400 and b"expected an integer" in bad.data

@@ -295,6 +295,28 @@ def test_models_page_and_model_filter(client: FlaskClient, users: dict[str, int]
     assert "Model leases and usage" in detail and "detector" in detail
 
 
+def test_models_page_reads_like_the_rest_of_the_console(client: FlaskClient, users: dict[str, int],
+                                                        svc: ConsoleServices) -> None:
+    tables = svc.queries.models
+    SoftDevice("cam-1", svc.repo, now=svc.now())
+    model, usage = tables.get("model"), tables.get("usage")
+    assert model is not None and usage is not None
+    day, until = 20794, 1796666733444
+    with svc.engine.begin() as conn:
+        model_id = conn.execute(insert(model).values(**_fill(model, name="detector", created_at=svc.now()))
+                                .returning(model.c.id)).scalar_one()
+        conn.execute(insert(usage).values(**_fill(usage, device_id="cam-1", model_id=model_id, day=day,
+                                                  served=12345, last_until=until, updated_at=until)))
+    login(client, "data_scientist")
+    page = client.get("/models/").data.decode()
+    # Raw forms: column names as identifiers, days since the epoch, epoch milliseconds.
+    assert not re.search(r"<th>(day|last_until|device_id|updated_at)</th>", page)
+    assert f">{day}<" not in page and str(until) not in page and ">12345<" not in page
+    assert "<th>Date (UTC)</th>" in page and "<th>Latest period until</th>" in page
+    assert "<th>Device</th>" in page
+    assert ">2026-12-07<" in page and "2026-12-07 18:05:33 UTC" in page and ">12,345<" in page
+
+
 def test_models_page_without_model_tables(client: FlaskClient, users: dict[str, int],
                                           svc: ConsoleServices) -> None:
     empty = types.ModuleType("empty_model_tables")

@@ -337,7 +337,8 @@ def version_json(v: VersionRecord) -> dict[str, Any]:
             "package_sha256": v.package_sha256.hex(), "plaintext_size": v.plaintext_size,
             "plaintext_sha256": v.plaintext_sha256.hex(), "ciphertext_sha256": v.ciphertext_sha256.hex(),
             "signing_key_id": v.signing_key_id, "kek_id": v.kek_id, "created_at": v.created_at,
-            "created_by": v.created_by, "policy": policy,
+            "created_by": v.created_by, "deployed_at": v.deployed_at, "deployed_by": v.deployed_by,
+            "policy": policy,
             "manifest": manifest if isinstance(manifest, dict) else {}}
 
 
@@ -627,7 +628,7 @@ def create_policy() -> tuple[Response, int]:
 def list_models() -> tuple[Response, int]:
     Query()
     return _ok({"items": [{"name": m.name, "created_at": m.created_at, "versions": m.versions,
-                           "newest": m.newest, "entitlements": m.entitlements,
+                           "newest": m.newest, "deployed": m.deployed, "entitlements": m.entitlements,
                            "active_leases": m.active_leases}
                           for m in services().repo.models.models()]})
 
@@ -741,7 +742,10 @@ def update_policy(name: str, version: str) -> tuple[Response, int]:
     try:
         settings = model_ops.settings_from_json(body.value, policy_from_text(found.policy))
         change = model_admin.set_policy(svc.repo, name, settings, version=version, now=svc.now(),
-                                        actor=principal.actor, signer=_signer(svc))
+                                        actor=principal.actor, signer=_signer(svc),
+                                        may_loosen=principal.can(Right.MODEL_DEPLOY))
+    except model_admin.LooseningRefused as exc:
+        fail(403, exc.diagnostics())
     except ConfigError as exc:
         fail(400, exc.diagnostics())
     except model_admin.ModelAdminError as exc:  # retired meanwhile
@@ -749,6 +753,20 @@ def update_policy(name: str, version: str) -> tuple[Response, int]:
     svc.record(principal, "model.policy", f"model:{name}", model_ops.policy_change_details(change))
     return _ok({"name": name, "version": version, "before": change.before.to_json(),
                 "after": change.after.to_json(), "superseded": change.superseded})
+
+
+@bp.post("/models/<name>/versions/<version>/deploy")
+@require(Right.MODEL_DEPLOY)
+def deploy_version(name: str, version: str) -> tuple[Response, int]:
+    Query()
+    svc, principal = services(), _principal()
+    _version(name, version)
+    try:
+        deployment = model_ops.deploy_version(svc, principal, name, version)
+    except model_ops.ModelActionError as exc:
+        fail(exc.status, exc.diagnostics())
+    return _ok({"name": name, "version": version, "deployed": deployment.deployed,
+                "previous": deployment.previous})
 
 
 def _retirement_json(r: model_ops.Retirement) -> dict[str, Any]:

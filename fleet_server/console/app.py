@@ -62,6 +62,36 @@ def iso_time(ms: int | None) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+# Words for the model-protection tables' columns (the rest: "created_at" -> "Created at").
+_COLUMN_LABELS = {"day": "Date (UTC)", "last_until": "Latest period until", "device_id": "Device",
+                  "statistic_micro": "Extraction statistic", "kek_id": "KEK", "lease_id": "Lease",
+                  "package_id": "Package id", "plaintext_size": "Model size", "client": "Client app"}
+
+
+def column_label(name: str) -> str:
+    """A column name in words."""
+    return _COLUMN_LABELS.get(name) or name.replace("_", " ").capitalize()
+
+
+def cell(value: Any, column: str) -> str:
+    """A table value as a reader wants it: dates as dates, sizes in bytes, flags as yes/no."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        if column == "day":  # days since the epoch (UTC)
+            return (dt.date(1970, 1, 1) + dt.timedelta(days=value)).isoformat()
+        if column.endswith(("_at", "_until")):
+            return iso_time(value) if value > 0 else "-"
+        if column.endswith("_size"):
+            return f"{value:,} bytes"
+        if column == "statistic_micro":
+            return f"{value / 1e6:.3f}"
+        return f"{value:,}"
+    return str(value)
+
+
 def ago(ms: int | None, now: int | None = None) -> str:
     """``5 s ago`` / ``3 min ago`` / ``in 2 h`` relative to now."""
     if ms is None:
@@ -143,6 +173,8 @@ def build_app(config: ServerConfig | str | Path | None = None, *, clock: Callabl
 
     app.jinja_env.filters["time"] = iso_time
     app.jinja_env.filters["ago"] = ago
+    app.jinja_env.filters["column_label"] = column_label
+    app.jinja_env.filters["cell"] = cell
     # Globals (not only context): macros imported from _macros.html see them too.
     app.jinja_env.globals["csrf_token"] = security.csrf_token
 

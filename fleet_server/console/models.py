@@ -11,6 +11,9 @@ publish            ``model:write``    an uploaded ONNX file becomes a signed, en
 edit policy        ``model:write``    a version's usage policy changes; its active leases are
                                       superseded and trusted holders are offered it again
                                       (:func:`fleet_server.modelstore.admin.set_policy`)
+deploy             ``model:deploy``   a published version reaches the entitled devices (until then
+                                      they keep the previously deployed one, or nothing); a policy
+                                      change that loosens limits needs this right too
 entitle/withdraw   ``model:deploy``   a device or device class may (no longer) receive the model;
                                       withdrawing revokes the leases it no longer covers and
                                       queues a signed ``key.denied`` for each device
@@ -82,7 +85,9 @@ RETIRE_ACTIONS = ("model.retire_version", "model.retire")
 """Audit actions whose ``versions`` detail lists retired versions (never to be published again)."""
 MAX_SETTINGS_TEXT = 48 * 1024
 DONE = {
-    "published": "Version published: entitled devices are offered it with their next trusted attestation.",
+    "published": "Version published. It is not deployed yet: devices keep the previously deployed version "
+                 "until someone with the model:deploy right deploys it.",
+    "deployed": "Version deployed: entitled devices are offered it with their next trusted attestation.",
     "policy": "Policy changed: active leases of the version were superseded; trusted holders are offered "
               "it again and receive the new policy with their next key release.",
     "entitled": "Entitlement added: the devices are offered the model with their next trusted attestation.",
@@ -480,13 +485,45 @@ def set_policy(name: str, version: str) -> BaseResponse | tuple[str, int]:
             raise ModelActionError(f"model {name} has no version {version}", 404)
         try:
             change = model_admin.set_policy(svc.repo, name, settings, version=version, now=svc.now(),
-                                            actor=principal.actor, signer=svc.signer())
+                                            actor=principal.actor, signer=svc.signer(),
+                                            may_loosen=principal.can(Right.MODEL_DEPLOY))
+        except model_admin.LooseningRefused as exc:
+            raise ModelActionError(exc.diagnostics(), 403) from None
         except (ConfigError, model_admin.ModelAdminError) as exc:
             raise ModelActionError(exc.diagnostics()) from None
     except ModelActionError as exc:
         return _failed(exc, name)
     svc.record(principal, "model.policy", f"model:{name}", policy_change_details(change))
     return _done(name, "policy")
+
+
+def deploy_version(svc: ConsoleServices, principal: Principal, name: str, version: str
+                   ) -> model_admin.Deployment:
+    """Deploy ``name`` ``version`` and audit it (``model.deploy``) when it changed something."""
+    check_model_name(name)
+    check_model_version(name, version)
+    if svc.repo.models.version(name, version) is None:
+        raise ModelActionError(f"model {name} has no version {version}", 404)
+    try:
+        deployment = model_admin.deploy(svc.repo, name, version, now=svc.now(), actor=principal.actor)
+    except model_admin.ModelAdminError as exc:
+        status = 404 if svc.repo.models.version(name, version) is None else 409
+        raise ModelActionError(exc.diagnostics(), status) from None
+    if deployment.deployed:
+        svc.record(principal, "model.deploy", f"model:{name}",
+                   {"version": version, "previous": deployment.previous})
+    return deployment
+
+
+@bp.post("/<name>/versions/<version>/deploy")
+@require(Right.MODEL_DEPLOY)
+def deploy(name: str, version: str) -> BaseResponse | tuple[str, int]:
+    svc, principal = services(), _principal()
+    try:
+        deploy_version(svc, principal, name, version)
+    except ModelActionError as exc:
+        return _failed(exc, name)
+    return _done(name, "deployed")
 
 
 def _existing_model(name: str) -> None:

@@ -303,7 +303,8 @@ def test_model_commands(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
     status, out, _ = _run(capsys, "model", "list", "--json", "--config", config)
     assert json.loads(out) == [{"name": "classifier", "newest": "1.0.0", "versions": 1, "entitlements": 2,
-                                "active_leases": 0, "created_at": json.loads(out)[0]["created_at"]}]
+                                "active_leases": 0, "created_at": json.loads(out)[0]["created_at"],
+                                "deployed": None}]  # published without --deploy: nothing deployed yet
     status, out, _ = _run(capsys, "model", "show", "classifier", "--json", "--config", config)
     doc = json.loads(out)
     assert doc["versions"][0]["policy"]["k"] == 5

@@ -432,6 +432,37 @@ def test_header_only_log_proves_nothing(policy: ReferencePolicy) -> None:
     )
 
 
+NO_PCR = 0xFFFFFFFF  # the index real firmware gives vendor / EV_NO_ACTION-like records (issue 9)
+
+
+def test_event_outside_pcrs_is_never_measured(policy: ReferencePolicy) -> None:
+    # Before issue 9 such an event made the whole log malformed ("PCR index 4294967295 out of range").
+    writer = boot_writer()
+    header = ew.header_record(writer.spec_id)
+    golden = boot_log()
+    vendor = dataclasses.replace(writer.events[-1], pcr=NO_PCR).encode()
+    result = run(Device(), policy, golden + vendor)
+    assert (result.verdict, result.reasons) == ("trusted", ())
+    # The reference's last PCR 14 event logged under index 0xFFFFFFFF instead cannot stand for it:
+    # the TPM extended nothing for it, and the appraisal does not count it as measured.
+    last14 = max(i for i, e in enumerate(writer.events) if e.pcr == 14)
+    moved = [dataclasses.replace(e, pcr=NO_PCR) if i == last14 else e for i, e in enumerate(writer.events)]
+    log = header + b"".join(e.encode() for e in moved)
+    result = run(Device(), policy, log)
+    assert result.verdict == "untrusted"
+    assert result.reasons == (
+        "PCR 14: value differs from reference; the event log has no events for this PCR",
+    )
+    # Among other events of its PCR, it is not compared with the reference's events either.
+    moved = [dataclasses.replace(e, pcr=NO_PCR) if e.event_type == EventType.EV_EFI_VARIABLE_AUTHORITY else e
+             for e in writer.events]
+    result = run(Device(), policy, header + b"".join(e.encode() for e in moved))
+    assert result.reasons == ('PCR 7: EV_EFI_VARIABLE_AUTHORITY ("db") expected by the reference is missing',)
+    # A policy built from a log with such an event has no reference event for it.
+    assert policy_from_eventlog(parse_eventlog(golden + vendor), name=policy.name, device_class=CLASS,
+                                firmware_version=FIRMWARE).events == policy.events
+
+
 # ---------------------------------------------------------------------------------------------
 # TPM clock, reboots and continuations
 # ---------------------------------------------------------------------------------------------

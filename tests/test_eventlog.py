@@ -130,10 +130,6 @@ HOSTILE: list[tuple[str, bytes, dict[str, object], str]] = [
      f"event 0, offset 0: Spec ID header data truncated: 4294967280 bytes declared, {37 + len(POST)} remain"),
     ("spec size too short", spec_header(event_size=20) + bytes(40), {},
      "event 0, offset 0: Spec ID header data is 20 bytes, too short"),
-    ("PCR out of range", HEADER + ev2(24, ET.EV_POST_CODE, b"x"), {},
-     "event 1, offset 69: PCR index 24 out of range 0-23"),
-    ("PCR 0xffffffff", HEADER + ev2(0xFFFFFFFF, ET.EV_POST_CODE, b"x"), {},
-     "event 1, offset 69: PCR index 4294967295 out of range 0-23"),
     ("zero digests", HEADER + ev2(0, ET.EV_POST_CODE, b"x", []), {},
      "event 1, offset 69: event has no digests"),
     ("digest count huge", HEADER + ev2(0, ET.EV_POST_CODE, b"x", count=0xFFFFFFFF), {},
@@ -193,8 +189,6 @@ HOSTILE: list[tuple[str, bytes, dict[str, object], str]] = [
      f"event 3, offset {END}: EV_EFI_HCRTM_EVENT after PCR 0 was extended"),
     ("legacy truncated data", legacy(0, ET.EV_POST_CODE, b"abcdef")[:-2], {},
      "event 0, offset 0: event data truncated: 6 bytes declared, 4 remain"),
-    ("legacy PCR out of range", legacy(0, ET.EV_POST_CODE, b"a") + legacy(30, ET.EV_POST_CODE, b"b"), {},
-     "event 1, offset 33: PCR index 30 out of range 0-23"),
     ("legacy all-zero record", legacy(0, ET.EV_POST_CODE, b"a") + bytes(32) + legacy(1, 1, b"b"), {},
      "event 1, offset 33: all-zero event record"),
     ("legacy zero padding", legacy(0, ET.EV_POST_CODE, b"a") + bytes(40), {},
@@ -202,7 +196,7 @@ HOSTILE: list[tuple[str, bytes, dict[str, object], str]] = [
     ("legacy separator digest", legacy(0, ET.EV_SEPARATOR, bytes(4), bytes(20)), {},
      "event 0, offset 0: EV_SEPARATOR: sha1 digest is not the hash of the event data"),
     ("all padding", b"\xff" * 64, {"allow_padding": True},
-     "event 0, offset 0: PCR index 4294967295 out of range 0-23"),
+     "event 0, offset 0: event data truncated: 4294967295 bytes declared, 32 remain"),
     ("zeros", bytes(64), {"allow_padding": True}, "event 0, offset 0: all-zero event record"),
 ]
 
@@ -303,6 +297,49 @@ def test_replay_extends_each_bank_and_skips_no_action() -> None:
     }
     assert replay(log, ["sha256"]) == {"sha256": replay(log)["sha256"]}
 
+
+
+NO_PCR = 0xFFFFFFFF  # the index firmware gives vendor / EV_NO_ACTION-like records (issue 9)
+NO_PCR_EVENT = ev2(NO_PCR, ET.EV_POST_CODE, b"vendor record")
+
+
+def test_event_outside_pcrs_0_to_23_is_kept_but_extends_nothing() -> None:
+    # Before issue 9 the parser refused the whole log: "PCR index 4294967295 out of range 0-23".
+    for extra in (NO_PCR_EVENT, ev2(24, ET.EV_EFI_ACTION, ACTION_DATA)):
+        log = parse_eventlog(HEADER + POST + extra + ACTION)
+        assert [(e.index, e.pcr) for e in log.events][2] == (2, struct.unpack_from("<I", extra)[0])
+        assert replay(log) == replay(parse_eventlog(BASE))
+        assert [describe_event(e)["extended"] for e in log.events] == [False, True, False, True]
+    legacy_log = parse_eventlog(legacy(0, ET.EV_POST_CODE, b"a") + legacy(NO_PCR, ET.EV_POST_CODE, b"b"))
+    assert legacy_log.events[1].pcr == NO_PCR
+    assert replay(legacy_log) == replay(parse_eventlog(legacy(0, ET.EV_POST_CODE, b"a")))
+    # Other malformations of such an event stay errors.
+    with pytest.raises(EventLogError, match=f"event 2, offset {A1}: event has no digests"):
+        parse_eventlog(HEADER + POST + ev2(NO_PCR, ET.EV_POST_CODE, b"x", []))
+
+
+def test_replayer_skips_event_outside_pcrs_incrementally() -> None:
+    log = parse_eventlog(BASE + NO_PCR_EVENT)
+    replayer = Replayer.for_log(log)
+    replayer.feed(log.events[:3])
+    replayer.feed(log.events[3:])
+    assert replayer.next_index == 4
+    assert replayer.values() == replay(parse_eventlog(BASE))
+
+
+def test_cli_replay_and_show_with_event_outside_pcrs(tmp_path: Path) -> None:
+    path = tmp_path / "vendor.bin"
+    path.write_bytes(HEADER + POST + NO_PCR_EVENT + ACTION)
+    proc = run_cli("eventlog", "replay", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"pcrs": as_json(replay(parse_eventlog(BASE)))}
+    show = run_cli("eventlog", "show", str(path))
+    assert show.returncode == 0, show.stderr
+    assert f"#2    PCR 0xffffffff (not extended) EV_POST_CODE  (offset {A1}, 13 data bytes)" in show.stdout
+    assert show.stdout.count("not extended") == 1
+    doc = json.loads(run_cli("eventlog", "show", str(path), "--json").stdout)
+    assert [(e["pcr"], e["extended"]) for e in doc["events"]] == [(0, False), (0, True), (NO_PCR, False),
+                                                                   (4, True)]
 
 
 def test_event_with_a_subset_of_banks_extends_only_those() -> None:

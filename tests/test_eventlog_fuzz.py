@@ -81,7 +81,7 @@ def check(data: bytes, **kwargs: bool) -> EventLog | None:
     for position, ev in enumerate(log.events):
         assert ev.index == position
         assert ev.offset >= previous_end
-        assert 0 <= ev.pcr < 24
+        assert 0 <= ev.pcr <= 0xFFFFFFFF  # indices over 23 are kept but not extended (issue 9)
         previous_end = ev.offset + len(ev.data)
     assert previous_end <= log.size - log.padding
     sizes = dict(zip(log.banks, log.digest_sizes.values(), strict=True))

@@ -53,13 +53,14 @@ from fleet_server.verifier.eventlog import (
     EventLog,
     Replayer,
     extend_eventlog,
+    extends_pcr,
     parse_eventlog,
     replayable_banks,
 )
 from fleet_server.verifier.quote import AttestationKey, QuoteInfo, check_replay, verify_quote
 from protocol.errors import EdgeError
 from protocol.messages import MAX_EVENTLOG, Evidence
-from protocol.tpm.constants import EventType, event_type_name
+from protocol.tpm.constants import event_type_name
 
 __all__ = [
     "EMPTY_SHA256",
@@ -79,8 +80,6 @@ UNTRUSTED = "untrusted"
 #: Most bytes of event log held for one boot (the challenge's log_offset allows at most this much).
 MAX_HELD_LOG = 64 * MAX_EVENTLOG
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
-
-_EV_NO_ACTION = int(EventType.EV_NO_ACTION)
 
 PcrValues = dict[str, dict[int, bytes]]
 
@@ -225,7 +224,7 @@ def _explain(bank: str, pcr: int, policy: ReferencePolicy, parsed: EventLog | No
         return f"{label}: value differs from reference (the policy has no reference events for it)", None
     ref_bank = policy.bank
     device: list[Event] = [ev for ev in parsed.events
-                           if ev.pcr == pcr and ev.type != _EV_NO_ACTION and ref_bank in ev.digests]
+                           if ev.pcr == pcr and extends_pcr(ev) and ref_bank in ev.digests]
     for i in range(max(len(device), len(refs))):
         if i >= len(device):
             ref = refs[i]

@@ -50,6 +50,7 @@ from fleet_server.verifier.eventlog import (
     FrozenDict,
     Replayer,
     describe_event,
+    extends_pcr,
 )
 from protocol.encoding import JsonValue, canonical_bytes
 from protocol.errors import EventLogError, MalformedInputError, MessageError
@@ -361,7 +362,7 @@ def policy_from_eventlog(log: EventLog, *, name: str, device_class: str, firmwar
     events = tuple(ReferenceEvent(pcr=ev.pcr, type=ev.type, digest=ev.digests[bank],
                                   description=event_description(ev))
                    for ev in log.events
-                   if ev.type != _EV_NO_ACTION and ev.pcr in selected and bank in ev.digests)
+                   if extends_pcr(ev) and ev.pcr in selected and bank in ev.digests)
     return ReferencePolicy(name=name, device_class=device_class, firmware_version=firmware_version,
                            selection={bank: tuple(chosen)}, pcrs={bank: {p: values[p] for p in chosen}},
                            events=events, bank=bank)

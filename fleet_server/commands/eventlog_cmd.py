@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from fleet_server.verifier.eventlog import EventLog, describe_event, parse_eventlog, replay
+from fleet_server.verifier.eventlog import NUM_PCRS, EventLog, describe_event, parse_eventlog, replay
 from protocol.errors import EdgeError, MalformedInputError
 
 #: Largest event log accepted (real logs are 2-100 KiB; a firmware log area is at most a few MiB).
@@ -160,7 +160,9 @@ def _show(args: argparse.Namespace) -> int:
     for ev in log.events:
         info = describe_event(ev)
         lines.append("")
-        lines.append(f"#{ev.index:<4} PCR {ev.pcr:<2} {info['type_name']}  (offset {ev.offset}, "
+        # An index outside 0-23 (firmware uses 0xFFFFFFFF) names no PCR: shown in hex, not extended.
+        pcr = f"{ev.pcr:<2}" if ev.pcr < NUM_PCRS else f"0x{ev.pcr:08x} (not extended)"
+        lines.append(f"#{ev.index:<4} PCR {pcr} {info['type_name']}  (offset {ev.offset}, "
                      f"{len(ev.data)} data bytes)")
         lines.extend(f"      {bank}: {digest.hex()}" for bank, digest in ev.digests.items())
         data = info["data"]

@@ -23,7 +23,10 @@ Decisions (each enforced by :func:`parse_eventlog`)
   is an error, as is an event digest whose algorithm the header does not list.
 * An event may carry a *subset* of the header's banks (real logs do; tpm2-tools accepts it), each
   algorithm at most once, in any order; a bank absent from an event is not extended by it.
-* PCR indices are 0-23 (the 24 PCRs of a PC Client TPM, PTP "PCR Initial and Reset Values").
+* An event whose PCR index is outside 0-23 (the 24 PCRs of a PC Client TPM, PTP "PCR Initial and
+  Reset Values") is kept, with its index, but extends nothing: real firmware logs contain vendor and
+  EV_NO_ACTION-like records with index 0xFFFFFFFF, and refusing them made the whole log unusable.
+  :func:`extends_pcr` says whether an event is extended; appraisal uses it too.
 * EV_NO_ACTION records are never extended (PFP 10.4.5).  A ``StartupLocality`` EV_NO_ACTION
   (PFP 10.4.5.3: 16-byte signature ``"StartupLocality\\0"`` + UINT8 locality) must be in PCR 0,
   appear at most once and before any PCR 0 measurement, and name locality 0, 3 or 4 (TPM2_Startup is
@@ -102,6 +105,7 @@ __all__ = [
     "bank_name",
     "describe_event",
     "extend_eventlog",
+    "extends_pcr",
     "iter_descriptions",
     "parse_eventlog",
     "replay",
@@ -496,8 +500,6 @@ def _slow_event2(buf: bytes, off: int, end: int, index: int, layout: _Layout, ba
     if end - off < _EV2_HEAD.size:
         _fail(f"truncated event header: {_EV2_HEAD.size} bytes needed, {end - off} remain", index, start)
     pcr, etype, count = _EV2_HEAD.unpack_from(buf, off)
-    if pcr >= NUM_PCRS:
-        _fail(f"PCR index {pcr} out of range 0-{NUM_PCRS - 1}", index, start)
     if count == 0:
         _fail("event has no digests", index, start)
     if count > len(layout.algs):
@@ -572,8 +574,6 @@ def _parse_events(buf: bytes, off: int, base: int, index: int, fmt: str, layout:
                     off += fast_size
                 else:
                     pcr, etype, digests, esize, off = _slow_event2(buf, off, end, index, layout, base)
-            if pcr >= NUM_PCRS:
-                _fail(f"PCR index {pcr} out of range 0-{NUM_PCRS - 1}", index, pos)
             if esize > end - off:
                 _fail(f"event data truncated: {esize} bytes declared, {end - off} remain", index, pos)
             ev = new_event(index, pos, pcr, etype, digests, buf[off : off + esize])
@@ -780,8 +780,8 @@ class Replayer:
                     self._set_pcr0(work, _HCRTM_LOCALITY)
                     pcr0_set = True
                 pcr0_extended = True
-            elif not 0 < pcr < NUM_PCRS:
-                raise EventLogError(f"PCR index {pcr} out of range", index=ev.index, offset=ev.offset)
+            elif pcr >= NUM_PCRS:
+                continue  # no such PCR: the event is kept in the log but extends nothing
             add((pcr, ev.digests))
         # Pass 2, bank by bank: PCR_new = H(PCR_old || digest) (TPM 2.0 Part 1, "PCR Extend").
         for name, hasher, values in work:
@@ -808,6 +808,11 @@ class Replayer:
             out[name] = {p: bytes(v) for p, v in enumerate(values)
                          if v is not initial[p] or (p == 0 and self._pcr0_set)}
         return out
+
+
+def extends_pcr(event: Event) -> bool:
+    """Whether replay extends a PCR with ``event``: not EV_NO_ACTION (PFP 10.4.5), PCR index 0-23."""
+    return event.type != _EV_NO_ACTION and event.pcr < NUM_PCRS
 
 
 def replay(log: EventLog, banks: Iterable[str] | None = None, *, drtm: bool = False
@@ -1123,7 +1128,8 @@ _DECODERS: dict[int, Callable[[bytes], dict[str, object]]] = {
 def describe_event(event: Event) -> dict[str, object]:
     """A JSON-ready description of ``event``, its data decoded where the structure is known.
 
-    Keys: index, offset, pcr, type, type_name, digests (bank -> hex), data_size and data, a dict such
+    Keys: index, offset, pcr, extended (:func:`extends_pcr`), type, type_name, digests (bank -> hex),
+    data_size and data, a dict such
     as ``{"text": ...}``, ``{"name": ..., "variable_guid": ..., ...}`` or ``{"hex": ...}`` when the data
     is not understood (decoding never raises: garbled data falls back to hex with a note).
     """
@@ -1140,6 +1146,7 @@ def describe_event(event: Event) -> dict[str, object]:
         "index": event.index,
         "offset": event.offset,
         "pcr": event.pcr,
+        "extended": extends_pcr(event),
         "type": event.type,
         "type_name": event_type_name(event.type),
         "digests": {bank: digest.hex() for bank, digest in event.digests.items()},

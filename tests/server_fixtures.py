@@ -50,7 +50,8 @@ from fleet_server.service.common import Counters, ManualClock, Outgoing
 from fleet_server.service.context import ServiceContext
 from fleet_server.service.processor import Processor
 from fleet_server.storage.db import create_engine
-from fleet_server.storage.repo import Repository
+from fleet_server.storage.models import DeviceState
+from fleet_server.storage.repo import NewDevice, Repository
 from fleet_server.verifier.eventlog import parse_eventlog
 from protocol import topics
 from protocol.messages import (
@@ -340,3 +341,17 @@ def attest_once(processor: Processor, signer: ResultSigner, device: SimDevice, r
     challenge = one(signer, out, device.id, "challenge")
     out = processor.handle_batch([device.up("evidence", device.evidence(challenge))])
     return one(signer, out, device.id, "result")
+
+
+def insert_pending_device(repo: Repository, device_id: str) -> ec.EllipticCurvePrivateKey:
+    """A device row awaiting approval, with a real CSR of a fresh key (returned); the other enrollment
+    fields are placeholders, for tests of the admin commands."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.load_pem_x509_csr(pki.make_device_csr(key, device_id)).public_bytes(serialization.Encoding.DER)
+    with repo.write() as tx:
+        tx.insert_device(NewDevice(
+            id=device_id, state=DeviceState.PENDING, device_class="edge-camera", firmware_version="1.2.0",
+            ek_cert=b"c", ek_fingerprint="ab" * 32, ek_public=b"e", ak_public=b"a", ak_name=b"n", csr=csr,
+            enroll_request_id="1" * 32, cert_serial=None, now=1_790_000_000_000, next_attestation_at=None),
+            cause="enrolled: awaiting approval")
+    return key

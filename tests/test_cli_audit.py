@@ -14,19 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from firmware_sim.boot import BootMedia, build_boot_log
 from firmware_sim.profiles import get_profile
 from firmware_sim.testmodel import small_classifier
-from fleet_server import pki
 from fleet_server.cli import build_parser, main
 from fleet_server.config import load_config
 from fleet_server.console.audit import AuditLog, cli_actor
 from fleet_server.storage.db import create_engine
-from fleet_server.storage.models import DeviceState
-from fleet_server.storage.repo import NewDevice, Repository
+from fleet_server.storage.repo import Repository
+
+pytest.register_assert_rewrite("server_fixtures")
+from server_fixtures import insert_pending_device  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("quiet_root_logging")
 pytest_plugins = ("mqtt_fixtures", "server_fixtures")
@@ -179,24 +178,12 @@ def env(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Env:
     return Env(folder, tmp_path)
 
 
-def _pending_device(repo: Repository, device_id: str) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.load_pem_x509_csr(pki.make_device_csr(key, device_id)).public_bytes(
-        pki.serialization.Encoding.DER)
-    with repo.write() as tx:
-        tx.insert_device(NewDevice(
-            id=device_id, state=DeviceState.PENDING, device_class="edge-camera", firmware_version="1.2.0",
-            ek_cert=b"c", ek_fingerprint="ab" * 32, ek_public=b"e", ak_public=b"a", ak_name=b"n", csr=csr,
-            enroll_request_id="1" * 32, cert_serial=None, now=1_790_000_000_000, next_attestation_at=None),
-            cause="enrolled: awaiting approval")
-
-
 def test_every_state_changing_command_writes_its_audit_entry(
         env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     engine = create_engine(load_config(Path(env.config)).database_url)
     repo = Repository(engine)
     audit = AuditLog(engine)
-    _pending_device(repo, "cam-9")
+    insert_pending_device(repo, "cam-9")
     actor = cli_actor()
     assert actor.startswith("cli:")
     try:

@@ -22,10 +22,12 @@ from fleet_server.cli import main
 from fleet_server.config import find_config, load_config, parse_config
 from fleet_server.keys import load_public_key, load_signing_key
 from fleet_server.storage.db import create_engine
-from fleet_server.storage.models import DeviceState
-from fleet_server.storage.repo import NewDevice, Repository
+from fleet_server.storage.repo import Repository
 from protocol.errors import ConfigError, EdgeError
 from protocol.messages import EnrollResult, Revocation, decode_signed
+
+pytest.register_assert_rewrite("server_fixtures")
+from server_fixtures import insert_pending_device  # noqa: E402
 
 pytest_plugins = ("mqtt_fixtures", "server_fixtures")
 pytestmark = pytest.mark.usefixtures("quiet_root_logging")
@@ -178,18 +180,8 @@ def test_policy_from_eventlog(
 
 
 def _pending_device(config: str, device_id: str) -> tuple[Repository, ec.EllipticCurvePrivateKey]:
-    engine = create_engine(load_config(Path(config)).database_url)
-    repo = Repository(engine)
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.load_pem_x509_csr(pki.make_device_csr(key,
-                                                     device_id)).public_bytes(pki.serialization.Encoding.DER)
-    with repo.write() as tx:
-        tx.insert_device(NewDevice(
-            id=device_id, state=DeviceState.PENDING, device_class="edge-camera", firmware_version="1.2.0",
-            ek_cert=b"c", ek_fingerprint="ab" * 32, ek_public=b"e", ak_public=b"a", ak_name=b"n", csr=csr,
-            enroll_request_id="1" * 32, cert_serial=None, now=1_790_000_000_000, next_attestation_at=None),
-            cause="enrolled: awaiting approval")
-    return repo, key
+    repo = Repository(create_engine(load_config(Path(config)).database_url))
+    return repo, insert_pending_device(repo, device_id)
 
 
 def test_device_approve_revoke_quarantine(

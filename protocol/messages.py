@@ -141,6 +141,13 @@ class Fields:
             raise MessageError(f"{self._where}.{key}: must be {min_len}..{max_len} bytes")
         return data
 
+    def opt_text(self, key: str, *, max_len: int = 256, pattern: re.Pattern[str] | None = None,
+                 default: str = "") -> str:
+        """An optional string field: ``default`` when absent (encoders omit the field at its default)."""
+        if key not in self._obj:
+            return default
+        return self.text(key, max_len=max_len, pattern=pattern)
+
     def opt_blob(self, key: str, *, max_len: int, min_len: int = 0) -> bytes | None:
         if key not in self._obj:
             return None
@@ -444,6 +451,8 @@ class Evidence(Message):
 
 
 VERDICTS = ("trusted", "untrusted")
+TARGET_PATH_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}(/[a-z0-9][a-z0-9._-]{0,63}){0,3}$")
+"""A TUF target path of this fleet, e.g. ``firmware/edge-camera/1.3.0.fwb`` (no ``..``, no leading ``/``)."""
 
 
 @register
@@ -458,11 +467,16 @@ class AttestationResult(Message):
     expires: int  # ms since the epoch: the verdict is stale after this
     evidence_sha256: bytes
     lease_until: int = 0  # ms; a trusted verdict renews the device's model leases until then (0: none)
+    release: str = ""  # the release (TUF target path) whose reference values the evidence matched; "": none
 
     def body(self) -> dict[str, JsonValue]:
-        return {"challenge_id": self.challenge_id, "verdict": self.verdict, "reasons": list(self.reasons),
-                "expires": self.expires, "evidence_sha256": b64encode(self.evidence_sha256),
-                "lease_until": self.lease_until}
+        out: dict[str, JsonValue] = {
+            "challenge_id": self.challenge_id, "verdict": self.verdict, "reasons": list(self.reasons),
+            "expires": self.expires, "evidence_sha256": b64encode(self.evidence_sha256),
+            "lease_until": self.lease_until}
+        if self.release:
+            out["release"] = self.release
+        return out
 
     @classmethod
     def from_body(cls, f: Fields) -> AttestationResult:
@@ -471,7 +485,8 @@ class AttestationResult(Message):
                    reasons=f.text_list("reasons"),
                    expires=f.integer("expires"),
                    evidence_sha256=f.blob("evidence_sha256", min_len=32, max_len=32),
-                   lease_until=f.integer("lease_until"))
+                   lease_until=f.integer("lease_until"),
+                   release=f.opt_text("release", max_len=200, pattern=TARGET_PATH_RE))
 
 
 REVOCATION_STATES = ("untrusted", "revoked", "quarantined")
@@ -772,6 +787,148 @@ class Telemetry(Message):
             raise MessageError("telemetry.clients: expected a list of at most 256 clients")
         return cls(name=name, version=version, since=since, until=until, served=served, refused=refused,
                    clients=tuple(ClientUsage.from_json(c, "telemetry.clients[]") for c in items))
+
+
+# ---- signed updates (docs/updates.md) ------------------------------------------------------------
+# Topic kinds: server -> device ``update`` (UpdateAssignment, signed) and ``tuf-chunk`` (binary TufChunk
+# frame); device -> server ``update-status`` (UpdateStatus) and ``tuf-fetch`` (TufFetch).
+UPDATE_KINDS = ("firmware", "model")
+UPDATE_STATES = ("downloading", "installed", "rebooting", "committed", "rolled_back", "failed")
+"""Installation progress a device reports; ``rolled_back`` and ``failed`` carry a reason."""
+TUF_PATH_RE = re.compile(r"^(metadata|targets)(/[A-Za-z0-9][A-Za-z0-9._-]{0,127}){1,4}$")
+"""A file of the update repository, relative to its root: ``metadata/3.root.json``,
+``metadata/timestamp.json``, ``targets/firmware/edge-camera/<sha256>.1.3.0.fwb`` (no ``..``)."""
+MAX_UPDATE_REASON = 512
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class UpdateAssignment(Message):
+    """Server -> device (signed): install this target of the update repository.
+
+    The device still verifies everything through TUF: this message only says *which* target (like
+    Uptane's Director). ``deadline`` (ms since the epoch): commit by then, else fall back.
+    """
+
+    TYPE: ClassVar[str] = "update.assign"
+    assignment_id: str
+    kind: str
+    target: str
+    version: str
+    deadline: int
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"assignment_id": self.assignment_id, "kind": self.kind, "target": self.target,
+                "version": self.version, "deadline": self.deadline}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> UpdateAssignment:
+        return cls(assignment_id=f.text("assignment_id", pattern=MSG_ID_RE),
+                   kind=f.text("kind", choices=UPDATE_KINDS),
+                   target=f.text("target", max_len=200, pattern=TARGET_PATH_RE),
+                   version=f.text("version", max_len=32, pattern=VERSION_RE),
+                   deadline=f.integer("deadline"))
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class UpdateStatus(Message):
+    """Device -> server: installation progress of one assignment (see :data:`UPDATE_STATES`)."""
+
+    TYPE: ClassVar[str] = "update.status"
+    assignment_id: str
+    target: str
+    state: str
+    from_version: str
+    to_version: str
+    reason: str = ""
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"assignment_id": self.assignment_id, "target": self.target, "state": self.state,
+                "from_version": self.from_version, "to_version": self.to_version, "reason": self.reason}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> UpdateStatus:
+        return cls(assignment_id=f.text("assignment_id", pattern=MSG_ID_RE),
+                   target=f.text("target", max_len=200, pattern=TARGET_PATH_RE),
+                   state=f.text("state", choices=UPDATE_STATES),
+                   from_version=f.text("from_version", max_len=32),
+                   to_version=f.text("to_version", max_len=32, pattern=VERSION_RE),
+                   reason=f.text("reason", max_len=MAX_UPDATE_REASON))
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class TufFetch(Message):
+    """Device -> server: send ``length`` bytes from ``offset`` of update-repository file ``path``."""
+
+    TYPE: ClassVar[str] = "tuf.fetch"
+    request_id: str
+    path: str
+    offset: int
+    length: int
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"request_id": self.request_id, "path": self.path, "offset": self.offset,
+                "length": self.length}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> TufFetch:
+        path = f.text("path", max_len=300, pattern=TUF_PATH_RE)
+        if ".." in path.split("/"):
+            raise MessageError("tuf.fetch.path: invalid value")
+        return cls(request_id=f.text("request_id", pattern=MSG_ID_RE), path=path,
+                   offset=f.integer("offset", hi=8 << 30), length=f.integer("length", lo=1, hi=MAX_CHUNK))
+
+
+TUF_CHUNK_STATUSES = ("ok", "not_found", "error")
+_TUF_CHUNK_MAGIC = b"ETC1"
+
+
+@dataclass(frozen=True, slots=True)
+class TufChunk:
+    """Server -> device (binary frame, unsigned: TUF verifies the bytes): part of a repository file.
+
+    ``status`` ``ok``: ``data`` = bytes ``[offset, offset + len(data))`` of a file of ``total`` bytes
+    (``data`` may be empty only for an empty file); ``not_found``/``error``: no data, ``total`` 0.
+    """
+
+    request_id: str
+    path: str
+    status: str
+    offset: int
+    total: int
+    data: bytes
+
+
+def encode_tuf_chunk(chunk: TufChunk) -> bytes:
+    header = canonical_bytes({"v": VERSION, "type": "tuf.chunk", "request_id": chunk.request_id,
+                              "path": chunk.path, "status": chunk.status, "offset": chunk.offset,
+                              "total": chunk.total})
+    return _TUF_CHUNK_MAGIC + len(header).to_bytes(4, "big") + header + chunk.data
+
+
+def decode_tuf_chunk(raw: bytes) -> TufChunk:
+    """Strictly decode a TUF chunk frame (sizes bounded; TUF checks lengths and hashes of the file)."""
+    if len(raw) > MAX_CHUNK_MESSAGE or len(raw) < 8 or raw[:4] != _TUF_CHUNK_MAGIC:
+        raise MessageError("tuf chunk: bad frame")
+    hlen = int.from_bytes(raw[4:8], "big")
+    if hlen > 1024 or 8 + hlen > len(raw):
+        raise MessageError("tuf chunk: bad header length")
+    f = Fields(decode_object(raw[8 : 8 + hlen], max_size=1024), "tuf.chunk")
+    if f.integer("v", hi=1000) != VERSION or f.text("type", max_len=16) != "tuf.chunk":
+        raise MessageError("tuf chunk: unsupported version or type")
+    chunk = TufChunk(request_id=f.text("request_id", pattern=MSG_ID_RE),
+                     path=f.text("path", max_len=300, pattern=TUF_PATH_RE),
+                     status=f.text("status", choices=TUF_CHUNK_STATUSES),
+                     offset=f.integer("offset", hi=8 << 30), total=f.integer("total", hi=8 << 30),
+                     data=raw[8 + hlen :])
+    f.done()
+    if len(chunk.data) > MAX_CHUNK or chunk.offset + len(chunk.data) > chunk.total:
+        raise MessageError("tuf chunk: data out of range")
+    if chunk.status != "ok" and (chunk.data or chunk.total):
+        raise MessageError("tuf chunk: a refusal carries no data")
+    return chunk
 
 
 # ---- model chunks: binary framing ------------------------------------------------------------------

@@ -26,6 +26,7 @@ from protocol.messages import (
     EnrollRequest,
     EnrollResult,
     Evidence,
+    Fields,
     KeyDenied,
     KeyRelease,
     KeyRequest,
@@ -36,12 +37,18 @@ from protocol.messages import (
     ModelRef,
     Revocation,
     Telemetry,
+    TufChunk,
+    TufFetch,
+    UpdateAssignment,
+    UpdateStatus,
     decode_chunk,
     decode_plain,
     decode_signed,
+    decode_tuf_chunk,
     encode_chunk,
     encode_plain,
     encode_signed,
+    encode_tuf_chunk,
     enroll_proof,
     key_id,
     new_message_id,
@@ -83,6 +90,13 @@ def samples() -> list[object]:
         Telemetry(name="cam-detector", version="1.2.0", since=1, until=2, served=10, refused=1,
                   clients=(ClientUsage(client="app-1", served=10, refused=1, statistic=0.912345,
                                        alarm=True),)),
+        AttestationResult(challenge_id=rid, verdict="trusted", reasons=(), expires=1_790_000_060_000,
+                          evidence_sha256=os.urandom(32), release="firmware/edge-camera/1.3.0.fwb"),
+        UpdateAssignment(assignment_id=rid, kind="firmware", target="firmware/edge-camera/1.3.0.fwb",
+                         version="1.3.0", deadline=1_790_000_600_000),
+        UpdateStatus(assignment_id=rid, target="firmware/edge-camera/1.3.0.fwb", state="rolled_back",
+                     from_version="1.2.0", to_version="1.3.0", reason="verdict untrusted: PCR 0 differs"),
+        TufFetch(request_id=rid, path="metadata/2.root.json", offset=0, length=65536),
     ]
 
 
@@ -254,3 +268,22 @@ def test_model_policy_strict() -> None:
     for key, value in (("output_mode", "raw"), ("k", 0), ("client_daily_quota", -1), ("extra", 1)):
         with pytest.raises(MessageError):
             ModelPolicy.from_json({**good, key: value})
+
+
+@pytest.mark.parametrize("path", ["metadata/../keys/x", "targets/../../etc/passwd", "/metadata/1.root.json",
+                                  "keys/root.pem", "metadata/", "metadata//1.root.json"])
+def test_tuf_fetch_refuses_paths_outside_the_repository(path: str) -> None:
+    body = {"request_id": "0" * 32, "path": path, "offset": 0, "length": 10}
+    with pytest.raises(MessageError):
+        TufFetch.from_body(Fields(body, "tuf.fetch"))
+
+
+def test_tuf_chunk_frame_round_trips_and_refuses_bad_frames() -> None:
+    chunk = TufChunk(request_id="1" * 32, path="metadata/timestamp.json", status="ok", offset=2, total=10,
+                     data=b"abcd")
+    raw = encode_tuf_chunk(chunk)
+    assert decode_tuf_chunk(raw) == chunk
+    for bad in (raw[:6], b"XXXX" + raw[4:], raw + b"x" * 5,
+                encode_tuf_chunk(TufChunk("1" * 32, "metadata/1.root.json", "not_found", 0, 3, b"abc"))):
+        with pytest.raises(MessageError):
+            decode_tuf_chunk(bad)

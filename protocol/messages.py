@@ -789,6 +789,72 @@ class Telemetry(Message):
                    clients=tuple(ClientUsage.from_json(c, "telemetry.clients[]") for c in items))
 
 
+MODEL_LOAD_STATES = ("loaded", "failed")
+"""What a device reports of one model version it tried to open: onnxruntime loaded it, or refused it."""
+MAX_LOAD_ERROR = 512
+RUNTIME_VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+-]{0,31}$")
+"""An onnxruntime version string as ``onnxruntime.__version__`` gives it (``1.31.1``, ``1.32.0.dev1``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """One model version's load outcome on the device; ``error`` (only when ``failed``) is
+    onnxruntime's own reason, one line, at most :data:`MAX_LOAD_ERROR` characters."""
+
+    name: str
+    version: str
+    state: str
+    error: str = ""
+
+    def to_json(self) -> dict[str, JsonValue]:
+        out: dict[str, JsonValue] = {"name": self.name, "version": self.version, "state": self.state}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    @classmethod
+    def from_json(cls, obj: JsonValue, where: str) -> ModelLoad:
+        f = Fields(obj, where)
+        out = cls(name=f.text("name", max_len=64, pattern=MODEL_NAME_RE),
+                  version=f.text("version", max_len=32, pattern=VERSION_RE),
+                  state=f.text("state", choices=MODEL_LOAD_STATES),
+                  error=f.opt_text("error", max_len=MAX_LOAD_ERROR))
+        f.done()
+        if out.state == "loaded" and out.error:
+            raise MessageError(f"{where}.error: a loaded model carries no error")
+        if out.state == "failed" and not out.error.strip():
+            raise MessageError(f"{where}.error: a failed load must say why")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in out.error):
+            raise MessageError(f"{where}.error: must be one line without control characters")
+        return out
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class ModelStatus(Message):
+    """Device -> server (topic kind ``model-status``): the agent's onnxruntime version and, per model
+    version it tried to open since boot, whether onnxruntime loaded it (and why not). Sent once per
+    connection and whenever a load succeeds or fails."""
+
+    TYPE: ClassVar[str] = "model.status"
+    runtime: str
+    models: tuple[ModelLoad, ...] = ()
+
+    def body(self) -> dict[str, JsonValue]:
+        return {"runtime": self.runtime, "models": [m.to_json() for m in self.models]}
+
+    @classmethod
+    def from_body(cls, f: Fields) -> ModelStatus:
+        runtime = f.text("runtime", max_len=32, pattern=RUNTIME_VERSION_RE)
+        items = f.raw("models")
+        if not isinstance(items, list) or len(items) > 64:
+            raise MessageError("model.status.models: expected a list of at most 64 models")
+        models = tuple(ModelLoad.from_json(m, "model.status.models[]") for m in items)
+        if len({(m.name, m.version) for m in models}) != len(models):
+            raise MessageError("model.status.models: a model version is listed twice")
+        return cls(runtime=runtime, models=models)
+
+
 # ---- signed updates (docs/updates.md) ------------------------------------------------------------
 # Topic kinds: server -> device ``update`` (UpdateAssignment, signed) and ``tuf-chunk`` (binary TufChunk
 # frame); device -> server ``update-status`` (UpdateStatus) and ``tuf-fetch`` (TufFetch).

@@ -32,9 +32,11 @@ from protocol.messages import (
     KeyRequest,
     ModelChunk,
     ModelFetch,
+    ModelLoad,
     ModelOffer,
     ModelPolicy,
     ModelRef,
+    ModelStatus,
     Revocation,
     Telemetry,
     TufChunk,
@@ -97,6 +99,11 @@ def samples() -> list[object]:
         UpdateStatus(assignment_id=rid, target="firmware/edge-camera/1.3.0.fwb", state="rolled_back",
                      from_version="1.2.0", to_version="1.3.0", reason="verdict untrusted: PCR 0 differs"),
         TufFetch(request_id=rid, path="metadata/2.root.json", offset=0, length=65536),
+        ModelStatus(runtime="1.31.1"),
+        ModelStatus(runtime="1.31.1", models=(
+            ModelLoad(name="cam-detector", version="1.2.0", state="loaded"),
+            ModelLoad(name="cam-detector", version="1.3.0", state="failed",
+                      error="Unsupported model IR version: 14, max supported IR version: 13"))),
     ]
 
 
@@ -287,3 +294,25 @@ def test_tuf_chunk_frame_round_trips_and_refuses_bad_frames() -> None:
                 encode_tuf_chunk(TufChunk("1" * 32, "metadata/1.root.json", "not_found", 0, 3, b"abc"))):
         with pytest.raises(MessageError):
             decode_tuf_chunk(bad)
+
+
+def test_model_status_is_strict_and_bounded() -> None:
+    failed = {"name": "m", "version": "1.0.0", "state": "failed", "error": "Unsupported model IR version: 14"}
+    good = {"runtime": "1.31.1", "models": [failed]}
+    assert ModelStatus.from_body(Fields(good, "model.status")).models[0].error == failed["error"]
+    bad_items = (
+        {**failed, "error": "x" * 513},                   # longer than 512
+        {**failed, "error": "line one\nline two"},        # one line only
+        {**failed, "error": "  "},                        # a failure says why
+        {"name": "m", "version": "1.0.0", "state": "loaded", "error": "?"},
+        {**failed, "state": "crashed"},
+        {**failed, "extra": 1},
+        {**failed, "name": "Bad Name"},
+    )
+    for item in bad_items:
+        with pytest.raises(MessageError):
+            ModelStatus.from_body(Fields({**good, "models": [item]}, "model.status"))
+    for body in ({**good, "runtime": "1.31.1; rm -rf"}, {**good, "runtime": ""}, {**good, "models": [failed] * 2},
+                 {**good, "models": [{**failed, "version": f"1.0.{i}"} for i in range(65)]}):
+        with pytest.raises(MessageError):
+            ModelStatus.from_body(Fields(body, "model.status"))

@@ -312,7 +312,8 @@ def test_model_status_is_strict_and_bounded() -> None:
     for item in bad_items:
         with pytest.raises(MessageError):
             ModelStatus.from_body(Fields({**good, "models": [item]}, "model.status"))
-    for body in ({**good, "runtime": "1.31.1; rm -rf"}, {**good, "runtime": ""}, {**good, "models": [failed] * 2},
+    for body in ({**good, "runtime": "1.31.1; rm -rf"}, {**good, "runtime": ""},
+                 {**good, "models": [failed] * 2},
                  {**good, "models": [{**failed, "version": f"1.0.{i}"} for i in range(65)]}):
         with pytest.raises(MessageError):
             ModelStatus.from_body(Fields(body, "model.status"))

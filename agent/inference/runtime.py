@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -32,7 +33,11 @@ import onnxruntime as ort
 from agent.inference import InferenceFailed
 from protocol.modelpkg import IoSignature, PackageFormatError
 
-__all__ = ["OrtRuntime", "Runtime", "edge_session_options", "zeroize"]
+__all__ = ["ONNXRUNTIME_VERSION", "ModelLoadError", "OrtRuntime", "Runtime", "edge_session_options",
+           "zeroize"]
+
+ONNXRUNTIME_VERSION: str = ort.__version__
+"""The onnxruntime this agent runs; reported to the server (``model-status``)."""
 
 _ORT_DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -97,6 +102,17 @@ def edge_session_options(*, threads: int = 1) -> ort.SessionOptions:
     return so
 
 
+class ModelLoadError(PackageFormatError):
+    """onnxruntime refused the model; ``reason`` is its own message (one line, bounded)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
+
+
 def _load_reason(exc: Exception) -> str:
     # onnxruntime's text is "[ONNXRuntimeError] : 1 : FAIL : <source>:<line> <C++ signature> <reason>";
     # the reason (e.g. "Unsupported model IR version: 14, max supported IR version: 13") is what an
@@ -106,7 +122,7 @@ def _load_reason(exc: Exception) -> str:
         if marker in text:
             text = text[text.index(marker):]
             break
-    return text[:300] or "no reason given"
+    return _ORT_PREFIX.sub("", text)[:300] or "no reason given"
 
 
 class OrtRuntime:
@@ -129,8 +145,8 @@ class OrtRuntime:
                                            providers=["CPUExecutionProvider"], enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             reason = _load_reason(exc)
-            raise PackageFormatError(
-                f"model could not be loaded by onnxruntime ({type(exc).__name__}): {reason}") from None
+            raise ModelLoadError(f"model could not be loaded by onnxruntime ({type(exc).__name__}): {reason}",
+                                 reason) from None
         finally:
             if wipe_source and not isinstance(model, bytes):
                 zeroize(model)

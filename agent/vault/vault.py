@@ -24,6 +24,9 @@ Flow (docs/model-protection.md, "Device side"):
    an untrusted verdict locks everything at once. A locked model needs a new key release.
 5. Quota counters are saved every N requests / T seconds and at stop (NV counter increment each);
    telemetry every ``telemetry_interval``; audit records are written by the vault's thread.
+6. ``model-status`` up: the agent's onnxruntime version and, per model, whether onnxruntime loaded the
+   version released to it (and onnxruntime's own reason when it did not); sent on every (re)connection
+   and whenever a load outcome changes, so the server shows why a device does not serve a model.
 
 A rollback of the state file (or anything else that makes the counters untrustworthy) puts the vault
 in a failed state: every model stays locked with the reason, and no key is requested, until an
@@ -49,7 +52,7 @@ from agent.inference.guard import AuditRecord, ClientInfo, GuardPolicy, Inferenc
 from agent.inference.http import InferenceApi, TcpInferenceServer, UnixInferenceServer, serve_in_thread
 from agent.inference.limits import CounterState
 from agent.inference.monitor import ExtractionMonitor
-from agent.inference.runtime import zeroize
+from agent.inference.runtime import ONNXRUNTIME_VERSION, ModelLoadError, zeroize
 from agent.log import EventLogger
 from agent.statefile import ensure_dir
 from agent.tpm.adapter import TpmAdapter
@@ -66,14 +69,17 @@ from agent.vault.unlock import ModelBuffer, VaultRuntime, guard_policy, harden_p
 from protocol import topics
 from protocol.errors import ConfigError, EdgeError, TpmError, TransportError
 from protocol.messages import (
+    MAX_LOAD_ERROR,
     AttestationResult,
     Envelope,
     KeyDenied,
     KeyRelease,
     Message,
+    ModelLoad,
     ModelOffer,
     ModelPolicy,
     ModelRef,
+    ModelStatus,
     Revocation,
     decode_chunk,
     encode_plain,
@@ -119,6 +125,7 @@ class _Model:
     last_error: str | None = None
     guard_clients: dict[bytes, ClientInfo] | None = None
     rekey: bool = False                   # the server re-offered the serving version: ask for a new key
+    load: ModelLoad | None = None         # the latest load outcome, reported in model-status
 
 
 @dataclass
@@ -182,6 +189,8 @@ class ModelVault:
         self._api: InferenceApi | None = None
         self._server: TcpInferenceServer | UnixInferenceServer | None = None
         self._last_lock: dict[str, Any] | None = None
+        self._status_connects = -1        # connection count at the last model-status sent
+        self._status_due = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -449,6 +458,7 @@ class ModelVault:
                 self._open_state()
             return
         self._expire_leases(now)
+        self._send_status()
         for name in list(self._fetches):
             self._send_fetches(name, now)
         if self._error is None:
@@ -652,6 +662,10 @@ class ModelVault:
                 m = self._models.get(release.name)
                 if m is not None:
                     m.last_error = exc.diagnostics()
+                    if isinstance(exc, ModelPackageError):  # the package did not open: tell the server why
+                        reason = exc.reason if isinstance(exc, ModelLoadError) else exc.diagnostics()
+                        self._set_load(m, ModelLoad(name=m.name, version=release.version, state="failed",
+                                                    error=_one_line(reason)))
             self._log.warning("key_release_refused", model=release.name, version=release.version,
                               error=exc.diagnostics())
 
@@ -695,6 +709,7 @@ class ModelVault:
             m.runtime, m.serving_version = runtime, release.version
             m.lock_reason, m.locked_at, m.denied, m.last_error = "", None, (), None
             m.rekey = False
+            self._set_load(m, ModelLoad(name=m.name, version=release.version, state="loaded"))
             self._leases.commit(m.name, lease, now=now, server_until=release.lease_expires / 1000)
             if self._api is not None:
                 self._api.guards[m.name] = guard
@@ -815,6 +830,31 @@ class ModelVault:
             return False
         return True
 
+    def _set_load(self, m: _Model, load: ModelLoad) -> None:
+        """Record a load outcome (caller holds the state lock); a change is reported to the server."""
+        if m.load != load:
+            m.load = load
+            self._status_due = True
+
+    def _send_status(self) -> None:
+        """``model-status`` once per connection, and again when a load outcome changed."""
+        client = self._client
+        if client is None or not client.connected:
+            return
+        connects = client.stats().connects
+        with self._lock:
+            if connects == self._status_connects and not self._status_due:
+                return
+            loads = tuple(m.load for m in sorted(self._models.values(), key=lambda x: x.name)
+                          if m.load is not None)
+            self._status_due = False
+        if self._publish("model-status", ModelStatus(runtime=ONNXRUNTIME_VERSION, models=loads[:64])):
+            self._status_connects = connects
+            self._count("status_sent")
+        else:
+            with self._lock:
+                self._status_due = True
+
     # -- status ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """JSON-ready state of the vault for the agent's status (nothing secret)."""
@@ -830,6 +870,7 @@ class ModelVault:
                     "lease_expires": None if terms is None else terms.expires_at(self._leases.offline_grace),
                     "download": None if fetch is None else fetch.download.progress(),
                     "denied": list(m.denied), "last_error": m.last_error,
+                    "load": None if m.load is None else m.load.to_json(),
                 }
             for name, fetch in self._fetches.items():
                 if name not in models:
@@ -840,6 +881,7 @@ class ModelVault:
                 "error": self._error, "models": models, "counters": dict(sorted(self._counts.items())),
                 "state_generation": None if self._keeper is None else self._keeper.generation,
                 "audit_chain": self._audit_chain, "inference_address": self.inference_address,
+                "onnxruntime": ONNXRUNTIME_VERSION,
                 "hardening": dict(self._hardening), "last_lock": None if self._last_lock is None
                 else dict(self._last_lock),
             }
@@ -860,3 +902,9 @@ class ModelVault:
     def folder(self) -> Path:
         """``<state_dir>/vault``."""
         return self._folder
+
+
+def _one_line(text: str) -> str:
+    """``text`` as the wire wants a load error: one line, no control characters, at most 512 characters."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat[:MAX_LOAD_ERROR] or "no reason given"

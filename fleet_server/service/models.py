@@ -20,6 +20,9 @@ Device -> server (``fleet/v1/devices/<id>/up/<kind>``):
 * ``telemetry`` (:class:`Telemetry`): usage totals per device, model and UTC day, per-client
   extraction statistics; a client's extraction alarm raises ``extraction_suspected`` (one open
   alert per device, model and client).
+* ``model-status`` (:class:`ModelStatus`): the agent's onnxruntime version, and per model version it
+  tried to open whether onnxruntime loaded it, with the runtime's own reason when not (shown on the
+  console's device and model pages). Versions the server never published are refused.
 
 Server -> device: ``model-offer`` (signed :class:`ModelOffer`, with a trusted attestation result,
 listing the newest deployed version of every model the device is entitled to and holds no active lease
@@ -83,6 +86,7 @@ from protocol.messages import (
     ModelFetch,
     ModelOffer,
     ModelRef,
+    ModelStatus,
     Telemetry,
     encode_chunk,
     new_message_id,
@@ -95,6 +99,7 @@ log = logging.getLogger(__name__)
 KIND_MODEL_FETCH = "model-fetch"
 KIND_KEY_REQUEST = "key-request"
 KIND_TELEMETRY = "telemetry"
+KIND_MODEL_STATUS = "model-status"
 DOWN_MODEL_OFFER = "model-offer"
 DOWN_MODEL_CHUNK = "model-chunk"
 DOWN_KEY_RELEASE = "key-release"
@@ -105,6 +110,7 @@ MODEL_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_MODEL_FETCH: (ModelFetch, MAX_PLAIN_MESSAGE),
     KIND_KEY_REQUEST: (KeyRequest, MAX_PLAIN_MESSAGE),
     KIND_TELEMETRY: (Telemetry, MAX_TELEMETRY_MESSAGE),
+    KIND_MODEL_STATUS: (ModelStatus, MAX_PLAIN_MESSAGE),
 }
 """Device -> server kinds handled here, with the size limit of their payload."""
 
@@ -225,12 +231,12 @@ class ModelService:
     def handle(self, items: Sequence[InboundLike], now: int) -> list[Outgoing]:
         """Handle model-protection messages (kinds of :data:`MODEL_KINDS`); returns what to publish.
 
-        Key requests and telemetry share one write transaction (each message again in a transaction
-        of its own if it fails); downloads are checked in a read transaction and served from the
+        Key requests, telemetry and status reports share one write transaction (each message again in
+        a transaction of its own if it fails); downloads are checked in a read transaction and served from the
         package files. Never raises."""
         out: list[Outgoing] = []
         try:
-            writes = [i for i in items if i.kind in (KIND_KEY_REQUEST, KIND_TELEMETRY)]
+            writes = [i for i in items if i.kind in (KIND_KEY_REQUEST, KIND_TELEMETRY, KIND_MODEL_STATUS)]
             if writes:
                 out += self._finish(self._transactional(writes, now), now)
             fetches = [i for i in items if i.kind == KIND_MODEL_FETCH]
@@ -275,6 +281,8 @@ class ModelService:
                 self._key_request(tx, item, message, now, fx)
             elif isinstance(message, Telemetry):
                 self._telemetry(tx, item, message, now, fx)
+            elif isinstance(message, ModelStatus):
+                self._model_status(tx, item, message, now, fx)
             else:  # pragma: no cover - handle() routes only these kinds here
                 raise _Refused("kind_unknown", f"no handler for {item.kind}", reply=False)
         except _Refused as exc:
@@ -438,6 +446,31 @@ class ModelService:
                                      "statistic_micro": stat, "served": client.served}, fx=fx)
         fx.counters["telemetry.accepted"] += 1
 
+    # -- runtime and load status ------------------------------------------------------------------
+    def _model_status(self, tx: Tx, item: InboundLike, st: ModelStatus, now: int, fx: _Effects) -> None:
+        device_id = item.device_id
+        models = tx.models
+        state = models.device_trust([device_id]).get(device_id)
+        if state is None:
+            raise _Refused("device_unknown", f"no device {device_id}", reply=False)
+        if state[0] == DeviceState.REVOKED:
+            raise _Refused("device_revoked", f"device {device_id} is revoked", reply=False)
+        ids: list[int] = []
+        for load in st.models:  # all or nothing: check every entry before writing any
+            version = models.version(load.name, load.version)
+            if version is None:
+                raise _Refused("model_unknown", f"no published model {load.name} {load.version}", reply=False)
+            ids.append(version.model_id)
+        models.record_runtime(device_id, st.runtime, now=now)
+        for load, model_id in zip(st.models, ids, strict=True):
+            models.record_load(device_id, model_id, load.version, state=load.state, error=load.error,
+                               onnxruntime=st.runtime, now=now)
+            if load.state == "failed":
+                fx.counters["model.load_failures"] += 1
+                fx.event(logging.WARNING, "model_load_failed", device=device_id, model=load.name,
+                         version=load.version, onnxruntime=st.runtime, error=load.error)
+        fx.counters["model_status.accepted"] += 1
+
     # -- downloads ---------------------------------------------------------------------------------
     def _serve(self, items: Sequence[InboundLike], now: int) -> list[Outgoing]:
         plans: list[tuple[InboundLike, ModelFetch, VersionRecord, int]] = []
@@ -540,5 +573,5 @@ def _describe(exc: BaseException) -> str:
 
 __all__ = [
     "DOWN_KEY_DENIED", "DOWN_KEY_RELEASE", "DOWN_MODEL_CHUNK", "DOWN_MODEL_OFFER", "KIND_KEY_REQUEST",
-    "KIND_MODEL_FETCH", "KIND_TELEMETRY", "MODEL_KINDS", "ModelService", "Notice",
+    "KIND_MODEL_FETCH", "KIND_MODEL_STATUS", "KIND_TELEMETRY", "MODEL_KINDS", "ModelService", "Notice",
 ]

@@ -111,7 +111,7 @@ KIND_PROOF = "proof"
 DEVICE_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_HELLO: (AttestRequest, MAX_PLAIN_MESSAGE),
     KIND_EVIDENCE: (Evidence, MAX_EVIDENCE_MESSAGE),
-    **MODEL_KINDS,  # model-fetch, key-request, telemetry: fleet_server/service/models.py
+    **MODEL_KINDS,  # model-fetch, key-request, telemetry, model-status: fleet_server/service/models.py
 }
 ENROLL_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_REQUEST: (EnrollRequest, MAX_PLAIN_MESSAGE),

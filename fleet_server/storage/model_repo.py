@@ -48,6 +48,8 @@ _ENTITLEMENT: Table = _TABLES["entitlement"]
 _LEASE: Table = _TABLES["lease"]
 _USAGE: Table = _TABLES["modelusage"]
 _CLIENT: Table = _TABLES["modelclientusage"]
+_RUNTIME: Table = _TABLES["deviceruntime"]
+_LOAD: Table = _TABLES["modelloadstatus"]
 _DEVICE: Table = _TABLES["device"]
 _ATTESTATION: Table = _TABLES["attestation"]
 _ALERT: Table = _TABLES["alert"]
@@ -254,6 +256,19 @@ _VERSION_COLUMNS = (v.id, v.model_id, m.name, v.version, v.package_id, v.package
                     v.manifest, v.created_at, v.created_by, v.deployed_at, v.deployed_by)
 _LEASE_COLUMNS = (le.lease_id, le.device_id, m.name, le.version, le.state, le.issued_at, le.expires_at,
                   le.renewed_at, le.revoked_at, le.reason, le.key_name)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRecord:
+    """A device's latest report of one model version: ``loaded`` or ``failed`` with onnxruntime's reason."""
+
+    device_id: str
+    name: str
+    version: str
+    state: str
+    error: str
+    onnxruntime: str
+    reported_at: int
 
 
 def _version(r: object) -> VersionRecord:
@@ -599,6 +614,31 @@ class ModelTx:
         return alarm and not row.alarm
 
 
+    # -- runtime and load status reported by devices ------------------------------------------------
+    def record_runtime(self, device_id: str, onnxruntime: str, *, now: int) -> None:
+        """Keep the onnxruntime version the device reports (the latest report wins)."""
+        r = _RUNTIME.c
+        stmt = select(r.device_id).where(r.device_id == device_id).with_for_update()
+        if self.conn.execute(stmt).first() is None:
+            self.conn.execute(insert(_RUNTIME).values(device_id=device_id, onnxruntime=onnxruntime,
+                                                      reported_at=now))
+        else:
+            self.conn.execute(update(_RUNTIME).where(r.device_id == device_id)
+                              .values(onnxruntime=onnxruntime, reported_at=now))
+
+    def record_load(self, device_id: str, model_id: int, version: str, *, state: str, error: str,
+                    onnxruntime: str, now: int) -> None:
+        """Keep the device's latest load outcome of one model version."""
+        c = _LOAD.c
+        key = and_(c.device_id == device_id, c.model_id == model_id, c.version == version)
+        values = {"state": state, "error": error, "onnxruntime": onnxruntime, "reported_at": now}
+        if self.conn.execute(select(c.state).where(key).with_for_update()).first() is None:
+            self.conn.execute(insert(_LOAD).values(device_id=device_id, model_id=model_id, version=version,
+                                                   **values))
+        else:
+            self.conn.execute(update(_LOAD).where(key).values(**values))
+
+
 def _subject_matches(device_id: str, device_class: str) -> ColumnElement[bool]:
     return or_(and_(e.kind == EntitlementKind.DEVICE, e.subject == device_id),
                and_(e.kind == EntitlementKind.CLASS, e.subject == device_class))
@@ -707,6 +747,32 @@ class ModelReads:
             return [ClientUsageRecord(r.device_id, r.name, r.client, r.served, r.refused, r.statistic_micro,
                                       bool(r.alarm), r.alarm_at, r.updated_at) for r in tx.conn.execute(stmt)]
 
+    def runtime(self, device_id: str) -> tuple[str, int] | None:
+        """The onnxruntime version the device last reported and when (``None``: never reported)."""
+        r = _RUNTIME.c
+        with self.reading("reading the device runtime") as tx:
+            row = tx.conn.execute(select(r.onnxruntime, r.reported_at)
+                                  .where(r.device_id == device_id)).first()
+        return None if row is None else (row.onnxruntime, row.reported_at)
+
+    def loads(self, *, device_id: str | None = None, name: str | None = None, version: str | None = None,
+              state: str | None = None) -> list[LoadRecord]:
+        """Load outcomes devices reported, by model, version and device."""
+        c = _LOAD.c
+        stmt = (select(c.device_id, m.name, c.version, c.state, c.error, c.onnxruntime, c.reported_at)
+                .select_from(_LOAD.join(_MODEL, m.id == c.model_id)).order_by(m.name, c.version, c.device_id))
+        if device_id is not None:
+            stmt = stmt.where(c.device_id == device_id)
+        if name is not None:
+            stmt = stmt.where(m.name == name)
+        if version is not None:
+            stmt = stmt.where(c.version == version)
+        if state is not None:
+            stmt = stmt.where(c.state == state)
+        with self.reading("reading model load status") as tx:
+            return [LoadRecord(r.device_id, r.name, r.version, r.state, r.error, r.onnxruntime, r.reported_at)
+                    for r in tx.conn.execute(stmt)]
+
     def alerts(self, *, kind: str | None = None, device_id: str | None = None) -> list[AlertRecord]:
         """Alerts, oldest first, optionally of one kind or device."""
         a = _ALERT.c
@@ -726,7 +792,8 @@ class ModelReads:
 
 
 __all__ = [
-    "AlertRecord", "ClientUsageRecord", "DeviceKeyContext", "EntitlementRecord", "LeaseRecord", "ModelReads",
+    "AlertRecord", "ClientUsageRecord", "DeviceKeyContext", "EntitlementRecord", "LeaseRecord", "LoadRecord",
+    "ModelReads",
     "ModelRecord", "ModelSummary", "ModelTx", "NewLease", "NewVersion", "OfferedVersion", "UsageRecord",
     "VersionRecord",
 ]

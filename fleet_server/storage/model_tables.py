@@ -1,5 +1,6 @@
 """Tables of the model-protection area: published models and versions, entitlements, leases,
-usage telemetry. (Imported by :mod:`fleet_server.storage.models`; migration 0002.)
+usage telemetry, the runtime and model load outcomes devices report. (Imported by
+:mod:`fleet_server.storage.models`; migrations 0002, 0007.)
 
 Secrets: a version's data key is stored only sealed under the key-encryption key
 (``encrypted_data_key`` = AES-256-GCM(KEK, ``data_key_nonce``, key, aad binding name, version and
@@ -138,3 +139,24 @@ class ModelClientUsage(SQLModel, table=True):
     alarm: bool = False
     alarm_at: int | None = Field(default=None, sa_type=BigInteger)      # first alarm reported
     updated_at: int = Field(sa_type=BigInteger)
+
+
+class DeviceRuntime(SQLModel, table=True):
+    """The inference runtime a device's agent reports (``model-status``; migration 0007)."""
+
+    device_id: str = Field(primary_key=True, max_length=63)
+    onnxruntime: str = Field(max_length=32)
+    reported_at: int = Field(sa_type=BigInteger)
+
+
+class ModelLoadStatus(SQLModel, table=True):
+    """Whether a device's onnxruntime loaded a model version, and its own reason when it did not
+    (``state`` ``loaded`` or ``failed``; the latest report wins; migration 0007)."""
+
+    device_id: str = Field(primary_key=True, max_length=63)
+    model_id: int = Field(primary_key=True, foreign_key="model.id")
+    version: str = Field(primary_key=True, max_length=32)
+    state: str = Field(max_length=8)
+    error: str = Field(default="", max_length=512)
+    onnxruntime: str = Field(default="", max_length=32)                  # the runtime that tried
+    reported_at: int = Field(sa_type=BigInteger)

@@ -75,6 +75,7 @@ from firmware_sim.fleet_report import (
     build_report,
     read_cpu,
     read_devices,
+    read_load_failures,
     read_window,
 )
 from firmware_sim.manufacturer import ManufacturerCA
@@ -311,6 +312,9 @@ class FleetHarness:
         self._console_port: int | None = None
         self.model_signature: Any = None
         """The published model's :class:`~protocol.modelpkg.IoSignature` (with a model)."""
+        self.model_load_errors: dict[str, str] = {}
+        """Trusted devices whose onnxruntime could not load the model, with its reason (as the server
+        received it in their ``model-status``); when not empty the run measures nothing."""
         self.started = False
 
     # -- paths -------------------------------------------------------------------------------------
@@ -919,15 +923,24 @@ class FleetHarness:
                                f"(e.g. {', '.join(pending[:3])})") from None
 
     def wait_models(self, timeout: float) -> None:
-        """Wait until every trusted device's agent has the model downloaded, keyed and unlocked."""
-        name = self.config.effective_model_name
+        """Wait until every trusted device's agent has the model downloaded, keyed and unlocked, or
+        reported to the server that its onnxruntime cannot load it (:attr:`model_load_errors`: the
+        wait ends then, with the reason, rather than at the timeout)."""
+        name, version = self.config.effective_model_name, self.config.model_version
         self._progress(f"waiting for trusted devices to unlock {name}")
 
         def ready() -> bool:
             rows = self.device_states()
             snapshots = self.agent_status()
             trusted = [d for d in self.devices if d in rows and rows[d].state == "trusted"]
-            return all(d in snapshots and snapshots[d].model_unlocked(name) for d in trusted)
+            waiting = [d for d in trusted if not (d in snapshots and snapshots[d].model_unlocked(name))]
+            if not waiting:
+                return True
+            failures = read_load_failures(self._db(), name, version)
+            if not all(d in failures for d in waiting):
+                return False
+            self.model_load_errors = {d: failures[d] for d in waiting}
+            return True
 
         try:
             self.wait_for(ready, f"trusted devices to unlock {name}", timeout, poll=0.25)
@@ -938,6 +951,18 @@ class FleetHarness:
             locked = [f"{d} ({(snapshots[d].models.get(name) or {}).get('lock_reason') or 'no package'})"
                       for d in self.devices if d in snapshots and not snapshots[d].model_unlocked(name)]
             raise HarnessError(f"{exc.diagnostics()}; locked: {', '.join(locked[:3])}") from None
+        if self.model_load_errors:
+            self._progress(self.model_load_message())
+
+    def model_load_message(self) -> str:
+        """One line: which devices could not load the model, and onnxruntime's reason ("" if none)."""
+        errors = self.model_load_errors
+        if not errors:
+            return ""
+        cfg = self.config
+        first = sorted(errors)[0]
+        return (f"model {cfg.effective_model_name} {cfg.model_version} could not be loaded on {len(errors)} "
+                f"device{'s' if len(errors) != 1 else ''} (e.g. {first}): {errors[first]}")
 
     def models_unlocked(self, snapshots: dict[str, AgentSnapshot]) -> dict[str, bool]:
         name = self.config.effective_model_name
@@ -972,14 +997,17 @@ class FleetHarness:
         if self.server_pid is None or not self.hosts:
             raise HarnessError("the fleet is not running (call start() first)")
         length = self.config.duration if duration is None else duration
-        if length is not None:
+        if self.model_load_errors:  # nothing to measure with a model the devices cannot run
+            length = 0.0
+            self._progress("not measuring: the model could not be loaded")
+        elif length is not None:
             self._progress(f"measuring for {length:g} s")
         else:
             self._progress("running until interrupted")
         msgs0 = self._messages(self.agent_status())
         cpu0 = self._cpu()
         start = _now_ms()
-        load = self._query_load()
+        load = None if self.model_load_errors else self._query_load()
         if load is not None:
             load.start()
         end_at = None if length is None else time.monotonic() + length
@@ -1026,15 +1054,18 @@ class FleetHarness:
         per_device: dict[str, dict[str, Any]] = {}
         if cfg.model is not None:
             unlocked = self.models_unlocked(measurement.agents)
+            load_errors = read_load_failures(self._db(), cfg.effective_model_name, cfg.model_version)
             for device_id in self.devices:
                 use = measurement.model_usage.get(device_id, ModelUsage())
                 per_device[device_id] = {"model": {"unlocked": unlocked[device_id], "served": use.served,
                                                    "refused": use.refused,
-                                                   "refusals": dict(sorted(use.refusals.items()))}}
+                                                   "refusals": dict(sorted(use.refusals.items())),
+                                                   "load_error": load_errors.get(device_id)}}
             extra["model"] = {
                 "name": cfg.effective_model_name, "version": cfg.model_version,
                 "queries_per_device": cfg.queries, "query_interval_s": cfg.effective_query_interval,
                 "unlocked_devices": sum(unlocked.values()),
+                "load_failed_devices": sum(1 for d in self.devices if d in load_errors),
                 "served_total": sum(u.served for u in measurement.model_usage.values()),
                 "refused_total": sum(u.refused for u in measurement.model_usage.values()),
             }

@@ -142,6 +142,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         else:
             print(text)
             _progress(_summary(report))
+        if harness.model_load_errors:  # the report is written; the run failed, and says why
+            raise HarnessError(harness.model_load_message())
         return 130 if measurement.interrupted else 0
     finally:
         for signum, handler in previous.items():

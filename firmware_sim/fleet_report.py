@@ -170,6 +170,19 @@ def attestation_counts(engine: Engine) -> dict[str, int]:
     return {r[0]: int(r[1]) for r in rows}
 
 
+def read_load_failures(engine: Engine, name: str, version: str) -> dict[str, str]:
+    """device id -> onnxruntime's reason, for the devices that reported they could not load ``name``
+    ``version`` (``model-status``; empty before the server has such a table)."""
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT s.device_id, s.error FROM modelloadstatus s JOIN model m "
+                                     "ON m.id = s.model_id WHERE m.name = :n AND s.version = :v "
+                                     "AND s.state = 'failed'"), {"n": name, "v": version}).all()
+    except Exception as exc:
+        raise StorageError(f"cannot read model load failures: {exc}") from None
+    return {r[0]: str(r[1]) for r in rows}
+
+
 def read_window(engine: Engine, start_ms: int, end_ms: int) -> Window:
     """The attestations stored in ``[start_ms, end_ms)``."""
     try:

@@ -19,13 +19,13 @@ from agent.service import Agent
 from firmware_sim.broker import MosquittoBroker
 from firmware_sim.device import SimulatedDevice
 from firmware_sim.manufacturer import ManufacturerCA
-from firmware_sim.testmodel import small_classifier
+from firmware_sim.testmodel import relu_model, small_classifier
 from fleet_server.cli import main as cli
 from fleet_server.service.worker import Worker
 
 pytest.register_assert_rewrite("mqtt_fixtures", "agent_fixtures")
 from agent_fixtures import AgentFactory, wait_status  # noqa: E402
-from mqtt_fixtures import WAIT  # noqa: E402
+from mqtt_fixtures import WAIT, wait_until  # noqa: E402
 
 pytest_plugins = ("mqtt_fixtures", "agent_fixtures", "operator_fixtures")
 pytestmark = [pytest.mark.swtpm, pytest.mark.mqtt, pytest.mark.slow]
@@ -194,3 +194,56 @@ def _ek_cert_file(tmp_path: Path, device: SimulatedDevice) -> Path:
     path = tmp_path / "ek.der"
     path.write_bytes(device.ek_certificate())
     return path
+
+
+def test_a_model_onnxruntime_refuses_is_reported_to_the_server_with_the_runtimes_reason(
+        tmp_path: Path, data_dir: Path, broker: MosquittoBroker, worker: Worker,
+        manufacturer_ca: ManufacturerCA, make_agent: AgentFactory, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's case: a model of IR version 14 reaches a device whose onnxruntime stops at 13 (here
+    published past the server's own check, as by a server whose limits table is out of date): the
+    device tells the server onnxruntime's reason, with its runtime version."""
+    from agent.inference.runtime import ONNXRUNTIME_VERSION
+    from fleet_server.modelstore import onnxio
+
+    config = str(data_dir / "server.toml")
+    device = SimulatedDevice.create(tmp_path / "device", ca=manufacturer_ca)
+    try:
+        device.boot()
+        assert cli(["policy", "from-eventlog", str(device.eventlog_path), "--name", "edge-camera-1.2.0",
+                    "--device-class", "edge-camera", "--config", config]) == 0
+        model_file = tmp_path / "relu.onnx"
+        model_file.write_bytes(relu_model(ir_version=14))
+        monkeypatch.setattr(onnxio, "_check_runtime_support", lambda proto: None)
+        assert cli(["model", "publish", str(model_file), "--name", "classifier", "--version", "1.0.0",
+                    "--deploy", "--config", config]) == 0
+        monkeypatch.undo()
+        assert cli(["model", "entitle", "classifier", "--device-class", "edge-camera",
+                    "--config", config]) == 0
+        claim = tmp_path / "provisioning"
+        assert cli(["claim", "issue", DEVICE, "--out", str(claim), "--config", config]) == 0
+        assert cli(["device", "preregister", "--config", config,
+                    str(_ek_cert_file(tmp_path, device))]) == 0
+        capsys.readouterr()
+
+        agent: Agent = make_agent(_agent_config(tmp_path / "agent", device, claim, broker))
+        reason = "Unsupported model IR version: 14, max supported IR version: 13"
+
+        def failed(s: Any) -> bool:
+            m = s.models.get("models", {}).get("classifier") or {}
+            return (m.get("load") or {}).get("state") == "failed"
+
+        wait_status(agent, failed, "the device to fail loading the model")
+        load = agent.status().models["models"]["classifier"]["load"]
+        assert load["error"] == reason and agent.status().models["onnxruntime"] == ONNXRUNTIME_VERSION
+
+        repo = worker.repo
+        wait_until(lambda: bool(repo.models.loads(name="classifier", state="failed")),
+                   what="the server to store the load failure")
+        [stored] = repo.models.loads(name="classifier", state="failed")
+        assert (stored.device_id, stored.version, stored.error) == (DEVICE, "1.0.0", reason)
+        assert stored.onnxruntime == ONNXRUNTIME_VERSION
+        runtime = repo.models.runtime(DEVICE)
+        assert runtime is not None and runtime[0] == ONNXRUNTIME_VERSION
+    finally:
+        device.shutdown()

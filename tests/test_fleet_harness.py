@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,6 +165,84 @@ def test_fleet_with_a_model_serves_it_on_trusted_devices_only_and_counts_refusal
             checked += 1
     assert checked > 20
     assert list(workdir.glob("agents/dev-001/state/models/*.pkg"))  # the device did hold the package
+    assert _live_processes_mentioning(str(workdir)) == []
+
+
+def _model_onnxruntime_refuses(path: Path) -> None:
+    """A valid ONNX model (the server's checks pass) with an operator of a domain onnxruntime does not
+    have, as a model built for a vendor's accelerator would: only the device finds it cannot load it."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    node = helper.make_node("EdgeNpuOp", ["x"], ["y"], domain="com.example.npu")
+    model = helper.make_model(helper.make_graph([node], "npu", [x], [y]), ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 13),
+                                             helper.make_opsetid("com.example.npu", 1)])
+    path.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.swtpm
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_a_model_the_devices_cannot_load_ends_the_run_early_with_onnxruntimes_reason(tmp_path: Path) -> None:
+    from agent.inference.runtime import ONNXRUNTIME_VERSION
+    from fleet_server.config import load_config
+    from fleet_server.console import create_app
+    from fleet_server.console.app import dispose
+    from fleet_server.console.services import EXTENSION
+
+    reason = "com.example.npu:EdgeNpuOp(-1) is not a registered function/op"
+    model = tmp_path / "npu.onnx"
+    _model_onnxruntime_refuses(model)
+    workdir, report_path = tmp_path / "work", tmp_path / "report.json"
+    # A 600 s settle timeout and window: the run ends as soon as the devices report the failure.
+    res = subprocess.run(_fleet_cmd(workdir, "--devices", "2", "--interval", "2", "--duration", "600",
+                                    "--settle-timeout", "600", "--model", str(model), "--queries", "3",
+                                    "--keep", "--report", str(report_path)),
+                         capture_output=True, text=True, timeout=400, check=False)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("firmware-sim: model npu 1.0.0 could not be loaded on 2 devices"), last
+    assert reason in last, last
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    for device in report["devices"]:
+        assert device["state"] == "trusted"
+        assert device["model"]["unlocked"] is False
+        assert reason in device["model"]["load_error"], device
+        assert device["model"]["served"] == 0
+    assert report["model"]["load_failed_devices"] == 2
+    assert report["duration_s"] < 5  # nothing measured
+
+    # The server has it: the console's device and model pages and the API show the reason.
+    config = load_config(workdir / "server" / "server.toml")
+    config = dataclasses.replace(config, console=dataclasses.replace(
+        config.console, argon2_time_cost=1, argon2_memory_kib=64, argon2_parallelism=1))
+    app = create_app(config, flask_config={"TESTING": True})
+    try:
+        svc = app.extensions[EXTENSION]
+        svc.accounts.add_user("admin", "admin", "correct horse battery staple", now=svc.now())
+        client = app.test_client()
+        page = client.get("/login")
+        token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', page.text)
+        assert token is not None
+        assert client.post("/login", data={"username": "admin", "password": "correct horse battery staple",
+                                           "csrf_token": token.group(1)}).status_code == 303
+        device_page = client.get("/devices/dev-000").text
+        assert reason in device_page and f"onnxruntime</dt><dd>{ONNXRUNTIME_VERSION}" in device_page
+        model_page = client.get("/models/npu").text
+        assert "2 devices could not load 1.0.0" in model_page
+        assert reason in model_page and "dev-001" in model_page
+        device_json = client.get("/api/v1/devices/dev-001").get_json()
+        assert device_json["onnxruntime"]["version"] == ONNXRUNTIME_VERSION
+        [load] = device_json["model_loads"]
+        assert (load["name"], load["version"], load["state"]) == ("npu", "1.0.0", "failed")
+        assert reason in load["error"]
+        failures = client.get("/api/v1/models/npu").get_json()["load_failures"]
+        assert sorted(f["device_id"] for f in failures) == ["dev-000", "dev-001"]
+    finally:
+        dispose(app)
     assert _live_processes_mentioning(str(workdir)) == []
 
 

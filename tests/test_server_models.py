@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -46,12 +47,15 @@ from protocol.messages import (
     KeyRequest,
     Message,
     ModelFetch,
+    ModelLoad,
     ModelOffer,
     ModelPolicy,
+    ModelStatus,
     Telemetry,
     decode_chunk,
     decode_signed,
     key_request_qualifier,
+    new_message_id,
 )
 from protocol.modelpkg import decrypt_package, read_manifest
 from protocol.mqtt import MqttClient
@@ -472,6 +476,52 @@ def test_telemetry_usage_and_extraction_alarm(env: Env, make_device: DeviceFacto
     assert (counts["rejected.telemetry_overlap"], counts["rejected.telemetry_invalid"],
             counts["rejected.model_unknown"], counts["telemetry.accepted"]) == (1, 1, 1, 3)
     assert env.repo.models.usage(device_id="cam-5")[0].served == 580 + 1000
+
+
+# --------------------------------------------------------------------------------------------------
+# runtime and load status (model-status)
+# --------------------------------------------------------------------------------------------------
+def test_model_status_stores_the_runtime_and_load_failures_and_refuses_bad_reports(
+        env: Env, make_device: DeviceFactory) -> None:
+    env.publish()
+    dev, _ = trusted(env, make_device, "cam-9")
+    reason = "Unsupported model IR version: 14, max supported IR version: 13"
+
+    def report(status: ModelStatus | bytes) -> list[Outgoing]:
+        payload = status if isinstance(status, bytes) else dev.plain(status)
+        return env.proc.handle_batch([dev.up("model-status", payload)])
+
+    assert report(ModelStatus(runtime="1.31.1")) == []
+    assert env.repo.models.runtime("cam-9") == ("1.31.1", env.clock.now_ms())
+    assert env.repo.models.loads(device_id="cam-9") == []
+    failed = ModelLoad(name=NAME, version="1.0.0", state="failed", error=reason)
+    assert report(ModelStatus(runtime="1.31.1", models=(failed,))) == []
+    [load] = env.repo.models.loads(name=NAME, state="failed")
+    assert (load.device_id, load.version, load.error) == ("cam-9", "1.0.0", reason)
+    assert load.onnxruntime == "1.31.1"
+
+    # Refused, and nothing of it stored: a version never published (the whole report), a malformed
+    # report (an error of several lines, one too long, a failure without a reason), a revoked device.
+    unknown = ModelLoad(name=NAME, version="9.9.9", state="loaded")
+    assert report(ModelStatus(runtime="1.32.0", models=(unknown,))) == []
+    assert env.repo.models.runtime("cam-9") is not None and env.repo.models.runtime("cam-9")[0] == "1.31.1"
+    raw = json.loads(dev.plain(ModelStatus(runtime="1.31.1", models=(failed,))))
+    for error in ("line one\nline two", "x" * 513, ""):
+        raw["body"]["models"][0]["error"] = error
+        raw["id"] = new_message_id()
+        assert report(json.dumps(raw).encode()) == []
+    counts = env.proc.counters.snapshot()
+    assert (counts["rejected.model_unknown"], counts["rejected.malformed"],
+            counts["model_status.accepted"], counts["model.load_failures"]) == (1, 3, 2, 1)
+
+    # A later load succeeds: the latest report wins, the failure is gone.
+    loaded = ModelLoad(name=NAME, version="1.0.0", state="loaded")
+    assert report(ModelStatus(runtime="1.31.1", models=(loaded,))) == []
+    assert env.repo.models.loads(name=NAME, state="failed") == []
+    admin.revoke_device(env.repo, "cam-9", signer=env.signer, now=env.clock.now_ms())
+    report(ModelStatus(runtime="1.31.1", models=(failed,)))
+    assert env.proc.counters.snapshot()["rejected.device_revoked"] == 1
+    assert [x.state for x in env.repo.models.loads(device_id="cam-9")] == ["loaded"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from fleet_server.modelstore.policy import policy_from_text
 from fleet_server.modelstore.store import PackageStore, Published
 from fleet_server.service import admin
 from fleet_server.storage import alerting
-from fleet_server.storage.model_repo import EntitlementRecord, LeaseRecord, VersionRecord
+from fleet_server.storage.model_repo import EntitlementRecord, LeaseRecord, LoadRecord, VersionRecord
 from fleet_server.storage.model_tables import EntitlementKind
 from fleet_server.storage.models import DeviceState
 from fleet_server.storage.repo import DeviceRecord, PolicyHeader, PolicyRecord
@@ -282,6 +282,7 @@ def device_json(d: DeviceRecord, svc: ConsoleServices) -> dict[str, Any]:
     record, _ = policy_for(svc.repo, d)
     blobs = svc.queries.device_identity_blobs(d.id)
     identity = identity_of(*blobs) if blobs is not None else None
+    runtime = svc.repo.models.runtime(d.id)
     return {
         "id": d.id, "state": d.state, "device_class": d.device_class, "firmware_version": d.firmware_version,
         "state_reasons": list(d.state_reasons), "state_changed_at": d.state_changed_at,
@@ -298,7 +299,14 @@ def device_json(d: DeviceRecord, svc: ConsoleServices) -> dict[str, Any]:
             "ek_serial": identity.ek_serial,
             "ek_not_before": identity.ek_not_before, "ek_not_after": identity.ek_not_after,
             "ak_name": identity.ak_name, "ak_key": identity.ak_key, "ak_sha256": identity.ak_sha256},
+        "onnxruntime": None if runtime is None else {"version": runtime[0], "reported_at": runtime[1]},
+        "model_loads": [load_json(x) for x in svc.repo.models.loads(device_id=d.id)],
     }
+
+
+def load_json(r: LoadRecord) -> dict[str, Any]:
+    return {"device_id": r.device_id, "name": r.name, "version": r.version, "state": r.state,
+            "error": r.error, "onnxruntime": r.onnxruntime, "reported_at": r.reported_at}
 
 
 def attestation_json(a: AttestationRow) -> dict[str, Any]:
@@ -655,7 +663,8 @@ def get_model(name: str) -> tuple[Response, int]:
                 "versions": [version_json(v) for v in svc.repo.models.versions(name)],
                 "retired_versions": model_ops.retired_versions(svc.audit, name),
                 "entitlements": [entitlement_json(e) for e in svc.repo.models.entitlements(name)],
-                "active_leases": active, "leases": [lease_json(x) for x in leases]})
+                "active_leases": active, "leases": [lease_json(x) for x in leases],
+                "load_failures": [load_json(x) for x in svc.repo.models.loads(name=name, state="failed")]})
 
 
 def published_json(p: Published) -> dict[str, Any]:

@@ -154,6 +154,7 @@ def _detail(device_id: str, *, error: str | None = None, status: int = 200) -> t
         pcrs=pcr_rows(device.last_pcrs, policy), events=events, log_error=log_error,
         problems=sum(1 for e in events if e.status in ("differs", "extra", "missing")),
         model_rows=svc.queries.device_model_rows(device_id), alerts=alerts,
+        runtime=svc.repo.models.runtime(device_id), model_loads=svc.repo.models.loads(device_id=device_id),
         attested=device.state in ATTESTED_STATES, error=error,
         done=DONE_MESSAGES.get(request.args.get("done", "")),
         reason_max=MAX_REASON), status

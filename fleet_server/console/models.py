@@ -58,7 +58,7 @@ from fleet_server.modelstore.policy import FIELDS, policy_from_mapping, policy_f
 from fleet_server.modelstore.store import PackageStore, Published, PublishError, publish_model
 from fleet_server.service.models import DOWN_KEY_DENIED
 from fleet_server.storage import models as tables
-from fleet_server.storage.model_repo import LeaseRecord, VersionRecord
+from fleet_server.storage.model_repo import LeaseRecord, LoadRecord, VersionRecord
 from fleet_server.storage.model_tables import EntitlementKind, LeaseState
 from fleet_server.storage.repo import Repository, Tx
 from protocol import topics
@@ -131,6 +131,14 @@ def retired_versions(audit: AuditLog, name: str) -> list[str]:
             versions = entry.details_dict().get("versions", [])
             found.update(v for v in versions if isinstance(v, str) and VERSION_RE.fullmatch(v))
     return sorted(found, key=lambda v: tuple(int(p) for p in v.split(".")), reverse=True)
+
+
+def load_failures_by_version(repo: Repository, name: str) -> dict[str, list[LoadRecord]]:
+    """Per version of ``name``: the devices whose onnxruntime could not load it, with its reason."""
+    out: dict[str, list[LoadRecord]] = {}
+    for record in repo.models.loads(name=name, state="failed"):
+        out.setdefault(record.version, []).append(record)
+    return out
 
 
 def setting_text(key: str, value: JsonValue) -> str:
@@ -402,7 +410,8 @@ def _detail_page(name: str, *, error: str | None = None, status: int = 200) -> t
         "model_detail.html", model=model, versions=versions, policies=policies,
         entitlements=svc.repo.models.entitlements(name), leases=svc.repo.models.leases(name=name, limit=50),
         usage=svc.repo.models.usage(name=name)[:30], retired=retired_versions(svc.audit, name),
-        fields=FIELDS, error=error, done=DONE.get(request.args.get("done", "")),
+        load_failures=load_failures_by_version(svc.repo, name), fields=FIELDS, error=error,
+        done=DONE.get(request.args.get("done", "")),
         kinds=[k.value for k in EntitlementKind]), status
 
 

@@ -90,3 +90,17 @@ class AuditHead(SQLModel, table=True):
     seq: int = Field(default=0, sa_type=BigInteger)
     hash: str = Field(max_length=64)
     updated_at: int = Field(default=0, sa_type=BigInteger)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed checkpoint of the audit chain (migration 0006): the Ed25519 signature of the key
+    ``kid`` over the canonical bytes of (seq, head_hash, at, kid) (:mod:`fleet_server.console.checkpoint`).
+    The signing key is a file, never in the database, so a consistent rewrite of every entry and its
+    hash no longer matches the signed head hashes."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    seq: int = Field(index=True, sa_type=BigInteger)                  # the entry whose hash is signed
+    head_hash: str = Field(max_length=64)
+    at: int = Field(sa_type=BigInteger)
+    kid: str = Field(max_length=64)
+    signature: str = Field(max_length=256)                            # hex

@@ -13,8 +13,8 @@ Checkpoints are signed automatically whenever ``audit.checkpoint_interval`` entr
 one, and on demand (``fleet-server audit checkpoint``).
 
 :func:`verify_checkpoints` (pure) checks each checkpoint (key id, signature, the chain's hash at its
-``seq``) and that the newest good one is at most ``interval`` entries behind the head, so that
-deleting the checkpoints does not silently remove the anchor of a long chain.
+``seq``) and, when they all pass, that the newest is at most ``interval`` entries behind the head, so
+that deleting the checkpoints does not silently remove the anchor of a long chain.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def verify_checkpoints(checkpoints: Iterable[Checkpoint], hashes: Mapping[int, s
         else:
             problems.append(problem)
     covered = last_good.seq if last_good is not None else 0
-    if last_seq - covered > interval:
+    if not problems and last_seq - covered > interval:
         problems.append(f"entries {covered + 1}-{last_seq} are covered by no good checkpoint, though one is "
                         f"signed at least every {interval} entries (checkpoints deleted or failing)")
     return CheckpointReport(checked, last_good, tuple(problems))

@@ -15,6 +15,11 @@ hashed); deleting the newest rows is caught by the head row (``audithead``: newe
 which is written in the same transaction as every entry. :func:`verify_chain` (pure) walks the entries
 in order and reports the **first** broken link.
 
+A consistent rewrite of *every* row (and the head) by someone with database access is caught by the
+signed checkpoints (:mod:`fleet_server.console.checkpoint`): with a :class:`Checkpointing` (the key
+file and the interval), :class:`AuditLog` signs the head in the transaction of every entry that makes
+a checkpoint due, and :meth:`AuditLog.verify` checks every checkpoint against the chain.
+
 Writers are serialised so that two concurrent writers can never fork the chain: on SQLite the write
 transaction starts with ``BEGIN IMMEDIATE`` (one writer at a time); on PostgreSQL the head row is
 locked (``SELECT ... FOR UPDATE``) before the next ``seq`` is chosen.

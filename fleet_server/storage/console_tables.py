@@ -7,6 +7,7 @@ hands), so a copy of the database logs nobody in. The audit log is a hash chain
 (:mod:`fleet_server.console.audit`): ``auditentry.hash`` covers the entry and the previous entry's
 hash, and ``audithead`` holds the newest (seq, hash), so that a deleted tail is detected too; its
 single row is also the lock that serialises writers on PostgreSQL (``SELECT ... FOR UPDATE``).
+``auditcheckpoint`` holds signed checkpoints of the head (migration 0006); their key is a file.
 """
 
 from __future__ import annotations

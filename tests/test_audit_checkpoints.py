@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,31 @@ def test_a_consistent_rewrite_of_every_row_is_detected(setup: Setup, capsys: Cap
 
 
 @BOTH_DATABASES
+def test_concurrent_writers_checkpoint_every_n_entries(setup: Setup) -> None:
+    log = AuditLog(setup.engine, Checkpointing(setup.key_path, 5))
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(10):
+                log.append(actor=f"w{n}", action="test.write", target=str(i), now=2000 + i)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with setup.engine.connect() as conn:
+        assert [r.seq for r in conn.execute(CHECKPOINT.select().order_by(CHECKPOINT.c.seq))] == [
+            5, 10, 15, 20, 25, 30, 35, 40]
+    report = log.verify()
+    assert report.ok and report.checkpoints is not None and report.checkpoints.checked == 8
+
+
+@BOTH_DATABASES
 def test_an_altered_or_forged_checkpoint_fails(setup: Setup) -> None:
     append(setup.log, 4)
     with setup.engine.begin() as conn:
@@ -227,6 +253,16 @@ def test_audit_checkpoint_cli_signs_one_and_is_audited(setup: Setup, capsys: Cap
     assert lines[0] == "audit log intact: 3 entries, chain verified up to seq 3"
     assert lines[1].startswith("last good checkpoint: checkpoint 1 (seq 2, ")
     assert lines[1].endswith(f"key id {kid}), 1 checkpoint(s) checked")
+
+
+@BOTH_DATABASES
+def test_db_upgrade_checkpoints_an_existing_chain(setup: Setup, capsys: Capsys) -> None:
+    append(AuditLog(setup.engine), 5)  # written before checkpoints existed
+    assert main(setup.cli("db", "upgrade")) == 0
+    capsys.readouterr()
+    with setup.engine.connect() as conn:
+        assert [r.seq for r in conn.execute(CHECKPOINT.select())] == [6]  # its own entry included
+    assert setup.log.verify().ok
 
 
 @BOTH_DATABASES

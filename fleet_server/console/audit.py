@@ -475,6 +475,9 @@ def cli_actor() -> str:
 
 
 def record_cli(engine: Engine, action: str, target: str = "", details: Mapping[str, Any] | None = None, *,
-               now: int) -> AuditRecord:
-    """Append an entry for an administrative CLI command (the actor is the operating-system user)."""
-    return AuditLog(engine).append(actor=cli_actor(), action=action, target=target, details=details, now=now)
+               now: int, checkpoints: Checkpointing | None = None) -> AuditRecord:
+    """Append an entry for an administrative CLI command (the actor is the operating-system user);
+    with ``checkpoints``, a checkpoint is signed too if the entry makes one due (commands run through
+    :func:`fleet_server.service.cliutil.repository` catch up when they end instead)."""
+    return AuditLog(engine, checkpoints).append(actor=cli_actor(), action=action, target=target,
+                                                details=details, now=now)

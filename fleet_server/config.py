@@ -78,6 +78,10 @@ Layout (every key optional unless marked; defaults shown)::
     lease_duration = 660.0                # default 2 * attestation.interval + attestation.result_grace
     offline_grace = 0.0                   # added to every lease: how long a device may run offline
 
+    [audit]                               # the audit log (docs/operations.md)
+    checkpoint_key = "keys/audit-checkpoint.key"   # Ed25519, 0600: signs checkpoints of the chain head
+    checkpoint_interval = 100             # a signed checkpoint at least every this many entries
+
     [alerts]
     business_hours = "08:00-18:00"        # UTC; optional (no off-hours rule without it)
     block_off_hours = false               # also refuse key releases and downloads off hours
@@ -124,6 +128,8 @@ MODELS_DIR = "models"
 MODEL_SIGNING_KEY = f"{KEYS_DIR}/model-signing.key"
 MODEL_SIGNING_PUBLIC = f"{KEYS_DIR}/model-signing.pub.pem"
 MODEL_KEK = f"{KEYS_DIR}/model-kek.key"
+AUDIT_CHECKPOINT_KEY = f"{KEYS_DIR}/audit-checkpoint.key"
+AUDIT_CHECKPOINT_PUBLIC = f"{KEYS_DIR}/audit-checkpoint.pub.pem"
 LOG_FILE = f"{LOGS_DIR}/fleet-server.log"
 
 
@@ -281,6 +287,16 @@ class ModelSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The audit log's signed checkpoints (:mod:`fleet_server.console.checkpoint`)."""
+
+    checkpoint_key: Path = Path(AUDIT_CHECKPOINT_KEY)
+    """Ed25519 private key (0600) signing checkpoints; its public key ``<stem>.pub.pem`` verifies them."""
+    checkpoint_interval: int = 100
+    """A checkpoint is signed automatically whenever this many entries follow the newest one."""
+
+
+@dataclass(frozen=True, slots=True)
 class AlertSettings:
     """Alert rules with settings: the business-hours window of key releases and model downloads."""
 
@@ -322,6 +338,7 @@ class ServerConfig:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     source: Path | None = None
     """The file this configuration was read from (for messages)."""
 
@@ -480,6 +497,12 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     console = _console(root.table("console"))
     models = _models(root.table("models"), data_dir, attestation)
     alerts = _alerts(root.table("alerts"))
+    au = root.table("audit")
+    audit = AuditSettings(
+        checkpoint_key=au.path("checkpoint_key", Path(AUDIT_CHECKPOINT_KEY), data_dir),
+        checkpoint_interval=au.integer("checkpoint_interval", 100, lo=1, hi=1_000_000),
+    )
+    au.done()
     root.done()
     return ServerConfig(data_dir=data_dir, database_url=database_url, workers=workers, log_level=log_level,
                         log_file=log_file, signing_key=signing_key, fleet_ca_cert=fleet_ca_cert,
@@ -488,7 +511,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
                         batch_size=batch_size,
                         batch_linger=batch_linger, cache_devices=cache_devices,
                         mqtt=mqtt, attestation=attestation, retention=retention, console=console,
-                        models=models, alerts=alerts, source=source)
+                        models=models, alerts=alerts, audit=audit, source=source)
 
 
 def _models(mt: _Table, data_dir: Path, attestation: AttestationSettings) -> ModelSettings:
@@ -641,6 +664,10 @@ def render_config(*, data_dir: Path, mqtt_host: str, mqtt_port: int, database_ur
         f'signing_key = "{MODEL_SIGNING_KEY}"',
         f'kek_file = "{MODEL_KEK}"',
         "offline_grace = 0.0",
+        "",
+        "[audit]",
+        f'checkpoint_key = "{AUDIT_CHECKPOINT_KEY}"  # Ed25519, 0600: signs checkpoints of the audit chain',
+        "checkpoint_interval = 100  # a signed checkpoint at least every this many audit entries",
         "",
         "[alerts]",
         '# business_hours = "08:00-18:00"   # UTC: key releases and downloads outside raise alerts',

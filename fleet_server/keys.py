@@ -12,14 +12,16 @@ refuses a private key file that group or others may access. The key object never
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from fleet_server.pki import private_key_pem, write_certificate, write_private_key
 from protocol.errors import ConfigError
@@ -178,3 +180,111 @@ def load_model_signing_key(path: Path) -> ModelSigningKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{path}: the model-signing key must be an ECDSA P-256 key")
     return ModelSigningKey.from_key(key)
+
+
+# --------------------------------------------------------------------------------------------------
+# the audit checkpoint key (signs checkpoints of the audit chain head; fleet_server.console.checkpoint)
+# --------------------------------------------------------------------------------------------------
+def ed25519_key_id(public_key: ed25519.Ed25519PublicKey) -> str:
+    """Key id of an Ed25519 key, computed as :func:`protocol.messages.key_id` (first 8 bytes of the
+    SHA-256 of its DER SubjectPublicKeyInfo, hex)."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointSigningKey:
+    """Ed25519 key that signs audit checkpoints. Kept in a file of its own (0600), never in the
+    database: someone who can rewrite the database cannot re-sign the checkpoints."""
+
+    key: ed25519.Ed25519PrivateKey = field(repr=False)
+    kid: str
+
+    @classmethod
+    def from_key(cls, key: ed25519.Ed25519PrivateKey) -> CheckpointSigningKey:
+        return cls(key=key, kid=ed25519_key_id(key.public_key()))
+
+    @property
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        return self.key.public_key()
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data)
+
+    def __repr__(self) -> str:
+        return f"CheckpointSigningKey(kid={self.kid!r}, key=<redacted>)"
+
+
+def _ed25519_public_pem(public_key: ed25519.Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def create_checkpoint_key(path: Path, *, overwrite: bool = False) -> CheckpointSigningKey:
+    """Generate the checkpoint key at ``path`` (0600) with ``<stem>.pub.pem`` next to it (0644).
+
+    Without ``overwrite`` the key file is created exclusively (a hard link of a complete temporary
+    file): when two processes create it at once, both end up using the one that won.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    if overwrite:
+        write_private_key(path, pem)
+    else:
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        write_private_key(temp, pem)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return load_checkpoint_key(path)
+        finally:
+            temp.unlink(missing_ok=True)
+    write_certificate(public_key_path(path), _ed25519_public_pem(key.public_key()))
+    return CheckpointSigningKey.from_key(key)
+
+
+def load_checkpoint_key(path: Path) -> CheckpointSigningKey:
+    """Load the checkpoint key from ``path`` (PKCS#8 PEM, mode 0600, Ed25519); writes its public key
+    file next to it if that is missing."""
+    path = Path(path)
+    check_private_mode(path, "audit checkpoint key")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(f"cannot read audit checkpoint key {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{path}: the audit checkpoint key must be an Ed25519 key")
+    loaded = CheckpointSigningKey.from_key(key)
+    if not public_key_path(path).exists():
+        write_certificate(public_key_path(path), _ed25519_public_pem(loaded.public_key))
+    return loaded
+
+
+def load_or_create_checkpoint_key(path: Path) -> CheckpointSigningKey:
+    """The checkpoint key at ``path``, created on first use."""
+    path = Path(path)
+    if path.exists():
+        return load_checkpoint_key(path)
+    return create_checkpoint_key(path)
+
+
+def load_checkpoint_public_key(path: Path) -> ed25519.Ed25519PublicKey | None:
+    """The public key verifying checkpoints: ``<stem>.pub.pem`` next to the private key ``path``;
+    None when neither file exists yet (no checkpoint was ever signed here)."""
+    public = public_key_path(Path(path))
+    if not public.exists():
+        return load_checkpoint_key(path).public_key if Path(path).exists() else None
+    try:
+        key = serialization.load_pem_public_key(public.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {public}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"{public} is not a PEM public key") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise ConfigError(f"{public}: expected an Ed25519 public key")
+    return key

@@ -20,7 +20,7 @@ from firmware_sim.profiles import get_profile
 from firmware_sim.testmodel import small_classifier
 from fleet_server.cli import build_parser, main
 from fleet_server.config import load_config
-from fleet_server.console.audit import AuditLog, cli_actor
+from fleet_server.console.audit import AuditLog, Checkpointing, cli_actor
 from fleet_server.storage.db import create_engine
 from fleet_server.storage.repo import Repository
 
@@ -145,6 +145,8 @@ AUDITED: dict[Command, Case] = {
                               "token.create", _fixed("token:ci")),
     ("token", "revoke"): Case(lambda env: ["token", "revoke", "ci", *_c(env)], "token.revoke",
                               _fixed("token:ci")),
+    ("audit", "checkpoint"): Case(lambda env: ["audit", "checkpoint", *_c(env)], "audit.checkpoint",
+                                  _fixed("audit")),
 }
 
 
@@ -180,9 +182,10 @@ def env(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Env:
 
 def test_every_state_changing_command_writes_its_audit_entry(
         env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = create_engine(load_config(Path(env.config)).database_url)
+    config = load_config(Path(env.config))
+    engine = create_engine(config.database_url)
     repo = Repository(engine)
-    audit = AuditLog(engine)
+    audit = AuditLog(engine, Checkpointing.from_settings(config.audit))
     insert_pending_device(repo, "cam-9")
     actor = cli_actor()
     assert actor.startswith("cli:")
@@ -199,6 +202,7 @@ def test_every_state_changing_command_writes_its_audit_entry(
             found = [x for x in written if x.action == case.action and x.actor == actor
                      and (x.target == target or (target.endswith(":") and x.target.startswith(target)))]
             assert found, f"{' '.join(command)} wrote no audit entry {case.action} {target}: {written}"
-        assert audit.verify().ok
+        report = audit.verify()
+        assert report.ok and report.checkpoints is not None and report.checkpoints.last_good is not None
     finally:
         engine.dispose()

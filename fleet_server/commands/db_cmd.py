@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fleet_server.console.audit import record_cli
+from fleet_server.console.audit import Checkpointing, record_cli
 from fleet_server.migrations import current_revision, head_revision, upgrade
 from fleet_server.service.cliutil import add_config_argument, emit, load, now_ms
 from fleet_server.storage.db import create_engine, describe_url
@@ -28,7 +28,9 @@ def _upgrade(args: argparse.Namespace) -> int:
     engine = create_engine(config.database_url)
     try:
         before, after = upgrade(engine)
-        record_cli(engine, "db.upgrade", "database", {"from": before, "to": after}, now=now_ms())
+        # With the key: the first upgrade to signed checkpoints checkpoints the existing chain at once.
+        record_cli(engine, "db.upgrade", "database", {"from": before, "to": after}, now=now_ms(),
+                   checkpoints=Checkpointing.from_settings(config.audit))
     finally:
         engine.dispose()
     where = describe_url(config.database_url)

@@ -12,6 +12,7 @@ Creates (folder 0700, private keys 0600, certificates 0644)::
     DIR/keys/model-signing.key, .pub.pem ECDSA P-256 key signing model package manifests (devices pin it)
     DIR/keys/model-kek.key               the key-encryption key sealing model data keys (0600; never
                                          replaced, not even by --force)
+    DIR/keys/audit-checkpoint.key, .pub.pem  Ed25519 key signing audit checkpoints (never replaced)
     DIR/broker/acl, broker/mosquitto.conf  a broker configuration matching the PKI (for the operator)
     DIR/trust/tpm-manufacturers.pem      trusted TPM manufacturer CAs (copied from --trust-bundle)
     DIR/logs/
@@ -36,8 +37,10 @@ from fleet_server.brokerconf import ACL, listener_lines
 from fleet_server.console.audit import record_cli
 from fleet_server.enrollment.ekcert import load_trust_bundle
 from fleet_server.keys import (
+    create_checkpoint_key,
     create_model_signing_key,
     create_signing_key,
+    load_checkpoint_key,
     load_model_signing_key,
     load_signing_key,
     public_key_path,
@@ -156,6 +159,15 @@ def _init(args: argparse.Namespace) -> int:
         lines.append(_line("kept signing key", f"{signing} (key id {signer.kid})"))
     lines.append(_line("agents pin", f"{public_key_path(signing)}"))
     lines += _model_keys(data_dir, force)
+
+    # Audit checkpoint key: never replaced, not even by --force (the stored checkpoints name it).
+    checkpoint_key = data_dir / cfg.AUDIT_CHECKPOINT_KEY
+    if checkpoint_key.exists():
+        kept = load_checkpoint_key(checkpoint_key)
+        lines.append(_line("kept audit checkpoint key", f"{checkpoint_key} (key id {kept.kid})"))
+    else:
+        made = create_checkpoint_key(checkpoint_key)
+        lines.append(_line("created audit checkpoint key", f"{checkpoint_key} (key id {made.kid})"))
 
     # Trust bundle.
     bundle = data_dir / cfg.TRUST_BUNDLE

@@ -27,7 +27,7 @@ from fleet_server.console import (
     users,
 )
 from fleet_server.console.accounts import Accounts
-from fleet_server.console.audit import AuditLog
+from fleet_server.console.audit import AuditLog, Checkpointing
 from fleet_server.console.queries import ConsoleQueries
 from fleet_server.console.rbac import AUTHENTICATED, Declared, Right, public
 from fleet_server.console.services import EXTENSION, ConsoleServices, services, system_now_ms
@@ -117,7 +117,8 @@ def build_app(config: ServerConfig | str | Path | None = None, *, clock: Callabl
     settings = cfg.console
     engine = create_engine(cfg.database_url)
     svc = ConsoleServices(config=cfg, engine=engine, repo=Repository(engine),
-                          accounts=Accounts(engine, settings), audit=AuditLog(engine),
+                          accounts=Accounts(engine, settings),
+                          audit=AuditLog(engine, Checkpointing.from_settings(cfg.audit)),
                           queries=ConsoleQueries(engine), clock=clock or system_now_ms)
 
     app = Flask("fleet_server.console", static_folder="static", template_folder="templates")

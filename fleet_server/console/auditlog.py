@@ -1,5 +1,6 @@
 """The audit log page: entries newest first (keyset pages by ``seq``), filters by actor and action,
-and a button that verifies the whole hash chain and names the first broken link
+the last good signed checkpoint (or a warning when there is none or one fails), and a button that
+verifies the whole hash chain and every checkpoint and names the first broken link
 (:mod:`fleet_server.console.audit`; the same check as ``fleet-server audit verify``).
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from flask import Blueprint, render_template, request
 
+from fleet_server.console.audit import ChainReport
 from fleet_server.console.auth import current_principal
 from fleet_server.console.rbac import Right, require
 from fleet_server.console.services import services
@@ -16,7 +18,7 @@ bp = Blueprint("auditlog", __name__)
 PAGE = 50
 
 
-def _page(report: object | None = None) -> str:
+def _page(report: ChainReport | None = None) -> str:
     svc = services()
     args = request.args if request.method == "GET" else request.form
     actor = args.get("actor", "").strip()[:96]
@@ -28,8 +30,11 @@ def _page(report: object | None = None) -> str:
     entries = svc.audit.entries(before_seq=before, limit=PAGE + 1, actor=actor or None, action=action or None)
     more = len(entries) > PAGE
     entries = entries[:PAGE]
+    checkpoints = (report.checkpoints if report is not None and report.checkpoints is not None
+                   else svc.audit.checkpoint_status())
     return render_template("auditlog.html", entries=entries, more=more, actor=actor, action=action,
-                           actions=svc.audit.actions(), head=svc.audit.head(), report=report, before=before)
+                           actions=svc.audit.actions(), head=svc.audit.head(), report=report, before=before,
+                           checkpoints=checkpoints, interval=svc.config.audit.checkpoint_interval)
 
 
 @bp.get("/")

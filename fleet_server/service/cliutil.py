@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fleet_server.config import ServerConfig, find_config, load_config
+from fleet_server.console.audit import AuditLog, Checkpointing
 from fleet_server.migrations import current_revision, head_revision
 from fleet_server.storage.db import create_engine, describe_url
 from fleet_server.storage.repo import Repository
@@ -35,8 +36,11 @@ def load(args: argparse.Namespace) -> ServerConfig:
 
 
 @contextmanager
-def repository(config: ServerConfig, *, require_current: bool = True) -> Iterator[Repository]:
-    """A repository on the configured database (disposed at the end)."""
+def repository(config: ServerConfig, *, require_current: bool = True,
+               checkpoint: bool = True) -> Iterator[Repository]:
+    """A repository on the configured database (disposed at the end). When the command succeeds, an
+    audit checkpoint is signed if one is due (its audit entries, written with :func:`record_cli`,
+    may have made one due); ``checkpoint=False`` for commands that must write nothing."""
     engine = create_engine(config.database_url)
     try:
         if require_current:
@@ -46,6 +50,8 @@ def repository(config: ServerConfig, *, require_current: bool = True) -> Iterato
                 raise StorageError(f"the database {describe_url(config.database_url)} is at schema revision "
                                    f"{current or 'none'}, not {head}: run `fleet-server db upgrade`")
         yield Repository(engine)
+        if require_current and checkpoint:
+            AuditLog(engine, Checkpointing.from_settings(config.audit)).checkpoint_if_due(now=now_ms())
     finally:
         engine.dispose()
 

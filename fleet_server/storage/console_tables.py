@@ -7,6 +7,7 @@ hands), so a copy of the database logs nobody in. The audit log is a hash chain
 (:mod:`fleet_server.console.audit`): ``auditentry.hash`` covers the entry and the previous entry's
 hash, and ``audithead`` holds the newest (seq, hash), so that a deleted tail is detected too; its
 single row is also the lock that serialises writers on PostgreSQL (``SELECT ... FOR UPDATE``).
+``auditcheckpoint`` holds signed checkpoints of the head (migration 0006); their key is a file.
 """
 
 from __future__ import annotations
@@ -90,3 +91,17 @@ class AuditHead(SQLModel, table=True):
     seq: int = Field(default=0, sa_type=BigInteger)
     hash: str = Field(max_length=64)
     updated_at: int = Field(default=0, sa_type=BigInteger)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed checkpoint of the audit chain (migration 0006): the Ed25519 signature of the key
+    ``kid`` over the canonical bytes of (seq, head_hash, at, kid) (:mod:`fleet_server.console.checkpoint`).
+    The signing key is a file, never in the database, so a consistent rewrite of every entry and its
+    hash no longer matches the signed head hashes."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    seq: int = Field(index=True, sa_type=BigInteger)                  # the entry whose hash is signed
+    head_hash: str = Field(max_length=64)
+    at: int = Field(sa_type=BigInteger)
+    kid: str = Field(max_length=64)
+    signature: str = Field(max_length=256)                            # hex

@@ -423,3 +423,36 @@ def test_update_config_is_parsed_strictly(tmp_path: Path) -> None:
                          ({"boot_dir": "b", "reboot": True}, "update.reboot: unknown key")]:
         with pytest.raises(ConfigError, match=message):
             parse_config({**BASE, "update": bad}, base=tmp_path)
+
+
+@pytest.mark.swtpm
+def test_power_cut_right_after_the_trial_is_marked_boots_the_trial_and_commits(
+        device: Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_begin = bootctl.begin_trial
+
+    def begin_then_cut(*args: Any, **kwargs: Any) -> bootctl.BootControl:
+        real_begin(*args, **kwargs)
+        raise PowerCut()
+
+    monkeypatch.setattr(bootctl, "begin_trial", begin_then_cut)
+    path = publish(device.source, "1.3.0")
+    with pytest.raises(PowerCut):
+        device.installer.on_assignment(assignment("1.3.0", path=path))
+    monkeypatch.setattr(bootctl, "begin_trial", real_begin)
+    assert device.states() == ["downloading", "installed"]
+    assert device.power_cycle().in_trial
+    assert device.states() == ["downloading", "installed", "rebooting"]
+    device.trusted(path)
+    assert device.states()[-1] == "committed" and bootctl.read(device.boot).active == "b"
+
+
+@pytest.mark.swtpm
+def test_a_second_assignment_during_a_trial_fails_and_leaves_the_trial(device: Device) -> None:
+    a, path = install_and_boot_trial(device)
+    other = assignment("1.4.0", path=publish(device.source, "1.4.0"))
+    device.installer.on_assignment(other)
+    last = device.last()
+    assert last.state == "failed" and last.assignment_id == other.assignment_id
+    assert f"update {a.assignment_id} (1.3.0) is still in progress (trial)" == last.reason
+    device.trusted(path)
+    assert device.states()[-1] == "committed"

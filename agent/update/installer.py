@@ -403,10 +403,14 @@ class Installer:
             if rec.phase == "rolling_back":  # abandoned in the record, not yet in boot control
                 self._roll_back(rec, rec.reason)
             elif rec.phase != "trial":
+                if rec.phase == "installing":  # the trial was marked, then the power went
+                    self._report(rec, "rebooting")
                 self._set(replace(rec, phase="trial"))
                 self._log.info("update_trial_booted", assignment_id=aid, slot=trial.slot,
                                version=trial.version)
         elif trial is not None:  # marked but the trial slot has not booted yet (agent restart)
+            if rec.phase == "installing":
+                self._report(rec, "rebooting")
             self._set(replace(rec, phase="rebooting"))
             self._rebooter.reboot(f"update {rec.assignment.version}: boot the trial slot")
         elif rollback is not None:
@@ -505,6 +509,8 @@ class Installer:
         ctl = bootctl.read(self.settings.boot_dir)
         if ctl.trial is not None:
             raise UpdateRefused(f"slot {ctl.trial.slot} is already on trial ({ctl.trial.version})")
+        if ctl.booted != ctl.active:  # never overwrite the slot that runs
+            raise UpdateRefused(f"the running slot {ctl.booted} is not the committed slot {ctl.active}")
         try:
             target = parse_version(a.version, "assigned version")
             running = parse_version(rec.from_version, "running firmware version")

@@ -81,6 +81,14 @@ class UpdateRunner:
 
     # -- update thread -------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # a bug must be visible in the log, not silently end the thread
+            self._log.error("update_thread_failed", error=f"internal error: {type(exc).__name__}: {exc}")
+            if self._on_error is not None:
+                self._on_error()
+
+    def _loop(self) -> None:
         self._guarded(self.installer.on_boot)
         while not self._stop.is_set():
             try:

@@ -26,7 +26,7 @@ from agent.update.floor import TpmVersionFloor
 from agent.update.installer import Installer, InstallerSettings, StatusOutbox, slot_version
 from firmware_sim.swtpm import Swtpm
 from protocol.encoding import canonical_bytes
-from protocol.errors import ConfigError, EdgeError, VerificationError
+from protocol.errors import ConfigError, EdgeError, TpmError, VerificationError
 from protocol.firmware_bundle import pack
 from protocol.messages import UpdateAssignment, new_message_id
 
@@ -456,3 +456,12 @@ def test_a_second_assignment_during_a_trial_fails_and_leaves_the_trial(device: D
     assert f"update {a.assignment_id} (1.3.0) is still in progress (trial)" == last.reason
     device.trusted(path)
     assert device.states()[-1] == "committed"
+
+
+@pytest.mark.swtpm
+def test_floor_index_of_another_type_is_refused(tpm: TpmAdapter) -> None:
+    tpm.counter_define()  # a monotonic counter where the floor is configured to be
+    with pytest.raises(TpmError, match="is not an owner-authorized 12-byte data index"):
+        TpmVersionFloor(lambda: tpm, tpm.counter_index).minimum()
+    with pytest.raises(ConfigError, match="outside the owner range"):
+        TpmVersionFloor(lambda: tpm, 0x01000000).minimum()

@@ -131,6 +131,9 @@ class AgentStatus:
     enrollment_reasons: tuple[str, ...] = field(default=())
     models: Mapping[str, Any] = field(default_factory=dict)
     """The model vault's state (``ModelVault.status()``), empty without ``[models]``."""
+    update: Mapping[str, Any] = field(default_factory=dict)
+    """The firmware update in progress and the last status reported (``Installer.summary()``), empty
+    without ``[update]``."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists)."""
@@ -138,6 +141,7 @@ class AgentStatus:
         # calls this on every iteration to notice changes.
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["models"] = copy.deepcopy(dict(self.models)) if self.models else {}
+        out["update"] = copy.deepcopy(dict(self.update)) if self.update else {}
         out["counters"] = dict(sorted(self.counters.items()))
         out["verdict_reasons"] = list(self.verdict_reasons)
         out["enrollment_reasons"] = list(self.enrollment_reasons)
@@ -356,7 +360,8 @@ class Agent:
                 agent_version=self._version,
                 enrollment=None if enrollment is None or self._enrolled else enrollment.progress.status,
                 enrollment_reasons=() if enrollment is None else enrollment.progress.reasons,
-                models={} if self._vault is None else self._vault.status())
+                models={} if self._vault is None else self._vault.status(),
+                update={} if self._updates is None else self._updates.installer.summary())
 
     def trusted(self) -> bool:
         """True while the latest verified verdict is ``trusted`` and not expired."""

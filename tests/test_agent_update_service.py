@@ -86,6 +86,9 @@ def test_assignment_over_mqtt_installs_reboots_and_commits_on_the_trusted_trial_
     fleet.wait_for(lambda: statuses(fleet)[-1:] == ["committed"], "committed status")
     ctl = bootctl.read(boot)
     assert ctl.active == "b" and ctl.trial is None
+    wait_status(again, lambda s: s.update.get("last_status", {}).get("state") == "committed",
+                "committed in the agent status")
+    assert "in_progress" not in again.status().update
     assert rebooter2.reasons == []
     outbox = config_path.parent / "state" / "update" / "outbox.json"
     wait_until(lambda: b"update.status" not in outbox.read_bytes(), timeout=WAIT, what="the outbox drained")

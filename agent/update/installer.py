@@ -296,12 +296,26 @@ class Installer:
         self._log = log
         self._record: InstallRecord | None = None
         self._finished: list[str] = []
+        self._last: UpdateStatus | None = None
         self._load()
 
     # -- record ------------------------------------------------------------------------------------
     @property
     def record(self) -> InstallRecord | None:
         return self._record
+
+    def summary(self) -> dict[str, Any]:
+        """The update in progress and the last status reported by this process (no I/O: the agent's
+        status is built often)."""
+        out: dict[str, Any] = {}
+        rec, last = self._record, self._last
+        if rec is not None:
+            out["in_progress"] = {"assignment_id": rec.assignment.assignment_id, "phase": rec.phase,
+                                  "from": rec.from_version, "to": rec.assignment.version}
+        if last is not None:
+            out["last_status"] = {"assignment_id": last.assignment_id, "state": last.state,
+                                  "from": last.from_version, "to": last.to_version, "reason": last.reason}
+        return out
 
     def _load(self) -> None:
         path = self._dir / RECORD_FILE
@@ -339,6 +353,7 @@ class Installer:
                               from_version=rec.from_version[:32], to_version=a.version,
                               reason=_reason(reason))
         self.outbox.add(status, ts=int(self._clock() * 1000))
+        self._last = status
         log = self._log.warning if state in ("failed", "rolled_back") else self._log.info
         log("update_status", assignment_id=a.assignment_id, state=state, version=a.version,
             **({"reason": reason} if reason else {}))

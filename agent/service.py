@@ -603,7 +603,7 @@ class Agent:
             self._count("results_received")
             if self._updates is not None and applied:
                 this_boot = msg.evidence_sha256 in self._evidence_sent
-                self._updates.verdict(trusted=msg.verdict == "trusted", release=msg.release,
+                self._updates.verdict(verdict=msg.verdict, release=msg.release,
                                       reasons=msg.reasons, this_boot=this_boot)
             self._log.info("attestation_result", challenge_id=msg.challenge_id, verdict=msg.verdict,
                            expires=msg.expires, applied=applied, msg_id=envelope.id,

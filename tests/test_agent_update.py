@@ -131,7 +131,7 @@ class Device:
         return self.installer.outbox.statuses()[-1]
 
     def trusted(self, release: str, *, this_boot: bool = True) -> None:
-        self.installer.on_verdict(trusted=True, release=release, reasons=(), this_boot=this_boot)
+        self.installer.on_verdict(verdict="trusted", release=release, reasons=(), this_boot=this_boot)
 
     def slot_files(self, slot: str) -> dict[str, bytes]:
         folder = bootctl.slot_dir(self.boot, slot)
@@ -210,7 +210,7 @@ def test_statuses_stay_in_the_outbox_until_removed(device: Device) -> None:
 @pytest.mark.swtpm
 def test_untrusted_verdict_abandons_the_trial_and_reports_rolled_back_after_reboot(device: Device) -> None:
     a, _ = install_and_boot_trial(device)
-    device.installer.on_verdict(trusted=False, release="", reasons=("PCR 4: event 7 (kernel) differs",),
+    device.installer.on_verdict(verdict="untrusted", release="", reasons=("PCR 4: event 7 (kernel) differs",),
                                 this_boot=True)
     assert len(device.rebooter.reasons) == 2
     assert bootctl.read(device.boot).trial is None
@@ -218,7 +218,7 @@ def test_untrusted_verdict_abandons_the_trial_and_reports_rolled_back_after_rebo
     assert ctl.booted == "a" and ctl.active == "a"
     last = device.last()
     assert last.state == "rolled_back" and last.assignment_id == a.assignment_id
-    assert "untrusted" in last.reason and "event 7 (kernel)" in last.reason
+    assert last.reason == "attestation verdict untrusted: PCR 4: event 7 (kernel) differs"
     assert device.installer.running_version() == RUNNING
     assert TpmVersionFloor(lambda: device.tpm).minimum() is None
     assert device.installer.record is None

@@ -435,7 +435,7 @@ class Installer:
             self._report(rec, "rolled_back", rec.reason or "the trial ended without a commit")
             self._finish()
 
-    def on_verdict(self, *, trusted: bool, release: str, reasons: Sequence[str], this_boot: bool) -> None:
+    def on_verdict(self, *, verdict: str, release: str, reasons: Sequence[str], this_boot: bool) -> None:
         """A verified attestation result; acted on only in a trial, and only for this boot's evidence."""
         rec = self._record
         if rec is None or rec.phase != "trial":
@@ -447,9 +447,8 @@ class Installer:
             self._log.info("update_verdict_ignored", assignment_id=rec.assignment.assignment_id,
                            why="the result is for evidence of an earlier boot")
             return
-        if not trusted:
-            self._roll_back(rec, "attestation verdict untrusted: "
-                            + ("; ".join(reasons) or "no reason given"))
+        if verdict != "trusted":
+            self._roll_back(rec, f"attestation verdict {verdict}: {'; '.join(reasons) or 'no reason given'}")
             return
         if release != rec.assignment.target:
             self._roll_back(rec, f"the trusted verdict matched release {release or '(none)'!r}, not the "

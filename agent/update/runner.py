@@ -36,7 +36,7 @@ STATUS_KIND = "update-status"
 
 @dataclass(frozen=True, slots=True)
 class _Verdict:
-    trusted: bool
+    verdict: str
     release: str
     reasons: tuple[str, ...]
     this_boot: bool
@@ -70,8 +70,8 @@ class UpdateRunner:
     def assign(self, assignment: UpdateAssignment) -> None:
         self._put(assignment)
 
-    def verdict(self, *, trusted: bool, release: str, reasons: tuple[str, ...], this_boot: bool) -> None:
-        self._put(_Verdict(trusted, release, reasons, this_boot))
+    def verdict(self, *, verdict: str, release: str, reasons: tuple[str, ...], this_boot: bool) -> None:
+        self._put(_Verdict(verdict, release, reasons, this_boot))
 
     def _put(self, event: UpdateAssignment | _Verdict) -> None:
         try:
@@ -100,7 +100,7 @@ class UpdateRunner:
             if isinstance(event, UpdateAssignment):
                 self._guarded(functools.partial(self.installer.on_assignment, event))
             elif isinstance(event, _Verdict):
-                self._guarded(functools.partial(self.installer.on_verdict, trusted=event.trusted,
+                self._guarded(functools.partial(self.installer.on_verdict, verdict=event.verdict,
                                                 release=event.release, reasons=event.reasons,
                                                 this_boot=event.this_boot))
             self._guarded(self.installer.tick)

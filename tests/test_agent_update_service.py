@@ -22,6 +22,7 @@ from agent.service import Agent  # noqa: E402
 from agent.tpm.adapter import TpmAdapter  # noqa: E402
 from agent.update import bootctl  # noqa: E402
 from agent.update.floor import TpmVersionFloor  # noqa: E402
+from agent.update.installer import StatusOutbox  # noqa: E402
 from firmware_sim.broker import MosquittoBroker  # noqa: E402
 from firmware_sim.device import SimulatedDevice  # noqa: E402
 from protocol.errors import ConfigError  # noqa: E402
@@ -104,3 +105,17 @@ def test_update_config_without_rebooter_or_source_is_refused_at_start(config_pat
     agent = Agent(load_config(config_path))
     with pytest.raises(ConfigError, match="needs a rebooter and a target source"):
         agent.start()
+
+
+def test_status_left_in_the_outbox_before_a_reboot_is_sent_after_the_start(
+        config_path: Path, fleet: FleetSim, make_agent: AgentFactory) -> None:
+    folder = config_path.parent / "state" / "update"
+    folder.mkdir(parents=True)
+    outbox = StatusOutbox(folder / "outbox.json")
+    status = UpdateStatus(assignment_id=new_message_id(), target="firmware/camera/1.1.0.fwb",
+                          state="rolled_back", from_version="1.0.0", to_version="1.1.0",
+                          reason="boot counter exhausted before the trial was committed")
+    outbox.add(status, ts=int(time.time() * 1000))
+    make_agent(config_path, rebooter=EventRebooter(), target_source=MemorySource())
+    fleet.wait_for(lambda: status in fleet.of_type("update.status", "cam-upd"), "the pending status")
+    wait_until(lambda: StatusOutbox(outbox.path).pending() == [], timeout=WAIT, what="the outbox drained")

@@ -32,6 +32,9 @@ Example (every key is described in ``docs/agent.md``)::
     socket = "/run/edge-agent/inference.sock"
     clients_file = "clients.toml"
 
+    [update]                      # optional: A/B firmware updates (docs/agent.md, "Firmware updates")
+    boot_dir = "/boot/edge"
+
 Strict: unknown keys and tables, wrong types and out-of-range values are refused with a
 :class:`~protocol.errors.ConfigError` that names the key (``mqtt.port: ...``).  Relative paths are
 resolved against the folder of the configuration file, so a configuration folder can be moved as a
@@ -151,6 +154,31 @@ class InferenceConfig:
     """Rotated audit files kept (``audit.jsonl.1`` ... ``.N``)."""
 
 
+HEALTH_CHECKS = ("config", "tpm")
+"""Local checks a trial boot must pass before the agent commits it (docs/agent.md, "Firmware updates"):
+the configuration file loads, the TPM answers a PCR read.  That the booted slot holds the assigned
+release is always checked."""
+DEFAULT_MAX_TARGET = 512 * 1024 * 1024
+DEFAULT_FLOOR_INDEX = 0x01800A02
+NV_OWNER_RANGE = (0x01800000, 0x01BFFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateConfig:
+    """``[update]``: A/B firmware updates (the boot folder the bootloader shares with the agent)."""
+
+    boot_dir: Path
+    """Holds ``bootctl.json`` and the slot folders ``slot-a/``, ``slot-b/`` (agent.update.bootctl)."""
+    max_target_size: int = DEFAULT_MAX_TARGET
+    """Largest firmware target the agent downloads (bytes)."""
+    boot_tries: int = 1
+    """Boots the bootloader tries the trial slot before it falls back to the active one."""
+    floor_nv_index: int = DEFAULT_FLOOR_INDEX
+    """TPM NV index of the firmware anti-rollback floor (owner range)."""
+    health_checks: tuple[str, ...] = HEALTH_CHECKS
+    """Which of :data:`HEALTH_CHECKS` a trial must pass before it is committed."""
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent is configured with (see :func:`load_config`)."""
@@ -170,6 +198,8 @@ class AgentConfig:
     """``[models]``, or ``None`` when the model vault is not configured."""
     inference: InferenceConfig | None = None
     """``[inference]``, or ``None`` when no local inference API is configured."""
+    update: UpdateConfig | None = None
+    """``[update]``, or ``None`` when the device takes no firmware updates."""
 
     @property
     def status_path(self) -> Path:
@@ -254,6 +284,19 @@ class _Table:
             raise ConfigError(f"{self._name(key)}: expected true or false")
         return value
 
+    def choice_list(self, key: str, default: tuple[str, ...], *, choices: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._take(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self._name(key)}: expected a list of strings")
+        for v in value:
+            if v not in choices:
+                raise ConfigError(f"{self._name(key)}: {v[:40]!r} is not one of {', '.join(choices)}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{self._name(key)}: an entry is repeated")
+        return tuple(value)
+
     def table(self, key: str) -> _Table:
         value = self._take(key, False)
         if value is None:
@@ -309,12 +352,13 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     lg.done()
     models = _models(top.table("models")) if top.has("models") else None
     inference = _inference(top.table("inference")) if top.has("inference") else None
+    update = _update(top.table("update")) if top.has("update") else None
     if inference is not None and models is None:
         raise ConfigError("inference: needs a [models] table (the inference API serves the model vault)")
     top.done()
     return AgentConfig(device_id=device_id, device_class=device_class, firmware_version=firmware_version,
                        state_dir=state_dir, eventlog=eventlog, tpm=tpm, mqtt=mqtt, server=server, log=log,
-                       source=source, models=models, inference=inference)
+                       source=source, models=models, inference=inference, update=update)
 
 
 def _models(t: _Table) -> ModelsConfig:
@@ -344,6 +388,18 @@ def _inference(t: _Table) -> InferenceConfig:
     out = InferenceConfig(clients_file=t.path("clients_file"), socket=socket, port=port,
                           audit_max_bytes=t.integer("audit_max_bytes", 8 * 1024 * 1024, lo=4096, hi=1 << 40),
                           audit_keep=t.integer("audit_keep", 4, lo=1, hi=100))
+    t.done()
+    return out
+
+
+def _update(t: _Table) -> UpdateConfig:
+    out = UpdateConfig(boot_dir=t.path("boot_dir"),
+                       max_target_size=t.integer("max_target_size", DEFAULT_MAX_TARGET, lo=1024,
+                                                 hi=DEFAULT_MAX_TARGET),
+                       boot_tries=t.integer("boot_tries", 1, lo=1, hi=10),
+                       floor_nv_index=t.integer("floor_nv_index", DEFAULT_FLOOR_INDEX, lo=NV_OWNER_RANGE[0],
+                                                hi=NV_OWNER_RANGE[1]),
+                       health_checks=t.choice_list("health_checks", HEALTH_CHECKS, choices=HEALTH_CHECKS))
     t.done()
     return out
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -42,17 +43,21 @@ from types import FrameType
 from typing import Any
 
 from agent.attest import ChallengeExpiredError, answer_challenge
-from agent.config import AgentConfig
+from agent.config import AgentConfig, load_config
 from agent.enroll import Enrollment, subscription_state
 from agent.identity import DeviceIdentity
 from agent.log import EventLogger
 from agent.statefile import ensure_dir, write_atomic
 from agent.tpm.adapter import TpmAdapter
 from agent.trust import CHUNK_KIND, Channel, MessageVerifier, TrustState, load_signing_keys
+from agent.update.bootctl import Rebooter
+from agent.update.floor import TpmVersionFloor
+from agent.update.installer import HealthCheck, Installer, InstallerSettings, StatusOutbox, TargetSource
+from agent.update.runner import UpdateRunner
 from agent.vault.vault import ModelVault
 from agent.version import agent_version
 from protocol import topics
-from protocol.errors import EdgeError, TpmError, TransportError
+from protocol.errors import ConfigError, EdgeError, TpmError, TransportError
 from protocol.messages import (
     AttestationResult,
     AttestRequest,
@@ -61,6 +66,7 @@ from protocol.messages import (
     KeyRelease,
     ModelOffer,
     Revocation,
+    UpdateAssignment,
     encode_plain,
     new_message_id,
 )
@@ -86,6 +92,10 @@ EVIDENCE_ACK_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 TPM_SUBDIR = "tpm"
 """Sub-folder of ``state_dir`` where the TPM adapter keeps the AK blobs."""
+UPDATE_SUBDIR = "update"
+"""Sub-folder of ``state_dir`` with the firmware install record and the update status outbox."""
+EVIDENCE_REMEMBERED = 16
+"""Digests of this process's latest evidence messages: a result for one of them is for this boot."""
 
 PHASES = ("new", "starting", "tpm_unavailable", "enrolling", "pending", "running", "stopped", "failed")
 
@@ -121,6 +131,9 @@ class AgentStatus:
     enrollment_reasons: tuple[str, ...] = field(default=())
     models: Mapping[str, Any] = field(default_factory=dict)
     """The model vault's state (``ModelVault.status()``), empty without ``[models]``."""
+    update: Mapping[str, Any] = field(default_factory=dict)
+    """The firmware update in progress and the last status reported (``Installer.summary()``), empty
+    without ``[update]``."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists)."""
@@ -128,6 +141,7 @@ class AgentStatus:
         # calls this on every iteration to notice changes.
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["models"] = copy.deepcopy(dict(self.models)) if self.models else {}
+        out["update"] = copy.deepcopy(dict(self.update)) if self.update else {}
         out["counters"] = dict(sorted(self.counters.items()))
         out["verdict_reasons"] = list(self.verdict_reasons)
         out["enrollment_reasons"] = list(self.enrollment_reasons)
@@ -166,10 +180,16 @@ class Agent:
     ``clock`` returns Unix seconds (freshness of server messages, challenge deadlines, status
     times); ``rng`` drives reconnect jitter; ``logger`` receives the structured events (default:
     the ``agent`` logger).  No module-level state: any number of agents may run in one process.
+
+    With ``[update]`` configured, ``rebooter`` (the platform's reboot: a power cycle in the simulator)
+    and ``target_source`` (the TUF client that fetches verified targets) are required; see
+    :mod:`agent.update.installer`.  ``rebooter.reboot`` is called on the agent's update thread and
+    must return promptly (start the power cycle elsewhere); the agent does nothing more after it.
     """
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, logger: logging.Logger | None = None) -> None:
+                 rng: random.Random | None = None, logger: logging.Logger | None = None,
+                 rebooter: Rebooter | None = None, target_source: TargetSource | None = None) -> None:
         self.config = config
         self._clock = clock
         self._rng = rng or random.Random()
@@ -199,6 +219,10 @@ class Agent:
         self._status_error_logged = False
         self._version = agent_version()[:64]
         self._vault: ModelVault | None = None
+        self._rebooter = rebooter
+        self._target_source = target_source
+        self._updates: UpdateRunner | None = None
+        self._evidence_sent: collections.deque[bytes] = collections.deque(maxlen=EVIDENCE_REMEMBERED)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,12 +240,48 @@ class Agent:
         if self.config.models is not None:  # pinned model key and clients file are checked here
             self._vault = ModelVault(self.config, tpm=self._tpm_adapter, trust=self._trust, clock=self._clock,
                                      log=self._log)
+        if self.config.update is not None:
+            self._updates = self._update_runner()
         self._enrolled = self._identity.certificate() is not None
         self._set_phase("starting")
         self._log.info("agent_starting", version=self._version, enrolled=self._enrolled,
                        broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}")
         self._thread = threading.Thread(target=self._main, name=f"agent-{self.config.device_id}", daemon=True)
         self._thread.start()
+
+    def _update_runner(self) -> UpdateRunner:
+        cfg = self.config.update
+        assert cfg is not None
+        if self._rebooter is None or self._target_source is None:
+            raise ConfigError("update: an agent with [update] needs a rebooter and a target source")
+        folder = ensure_dir(self.config.state_dir / UPDATE_SUBDIR)
+        settings = InstallerSettings(boot_dir=cfg.boot_dir, device_class=self.config.device_class,
+                                     fallback_version=self.config.firmware_version,
+                                     max_target_size=cfg.max_target_size, boot_tries=cfg.boot_tries)
+        installer = Installer(settings, state_dir=folder, source=self._target_source,
+                              floor=TpmVersionFloor(self._tpm_adapter, cfg.floor_nv_index),
+                              rebooter=self._rebooter, outbox=StatusOutbox(folder / "outbox.json"),
+                              health_checks=self._health_checks(cfg.health_checks), clock=self._clock,
+                              log=self._log.bind(part="update"))
+        return UpdateRunner(installer, device_id=self.config.device_id, log=self._log.bind(part="update"),
+                            on_error=lambda: self._count("update_errors"))
+
+    def _health_checks(self, names: tuple[str, ...]) -> list[HealthCheck]:
+        checks: list[HealthCheck] = []
+        source = self.config.source
+
+        def config_loads() -> None:
+            if source is not None:
+                load_config(source)
+
+        def tpm_answers() -> None:
+            self._tpm_adapter().read_pcrs({"sha256": [0]})
+
+        if "config" in names and source is not None:
+            checks.append(("config", config_loads))
+        if "tpm" in names:
+            checks.append(("tpm", tpm_answers))
+        return checks
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Ask the agent to stop and wait (up to ``timeout`` seconds) until it has shut down."""
@@ -300,7 +360,8 @@ class Agent:
                 agent_version=self._version,
                 enrollment=None if enrollment is None or self._enrolled else enrollment.progress.status,
                 enrollment_reasons=() if enrollment is None else enrollment.progress.reasons,
-                models={} if self._vault is None else self._vault.status())
+                models={} if self._vault is None else self._vault.status(),
+                update={} if self._updates is None else self._updates.installer.summary())
 
     def trusted(self) -> bool:
         """True while the latest verified verdict is ``trusted`` and not expired."""
@@ -447,6 +508,9 @@ class Agent:
         self._worker = threading.Thread(target=self._work, args=(client,), name=f"agent-{device_id}-attest",
                                         daemon=True)
         self._worker.start()
+        updates = self._updates
+        if updates is not None:
+            updates.start()
         seen_connects = 0
         hello_sent = False
         was_connected = False
@@ -472,6 +536,8 @@ class Agent:
             if inbound is not None:
                 self._handle(channel, inbound)
             self._reap_publishes()
+            if updates is not None:
+                updates.pump(client)
             if (inbound is not None and inbound.topic != challenge_topic) or link_changed \
                     or time.monotonic() - status_checked >= STATUS_CHECK_INTERVAL:
                 self._write_status()
@@ -535,6 +601,10 @@ class Agent:
             if vault is not None and msg.verdict == "trusted":
                 vault.on_result(msg, server_ts=envelope.ts)  # renews leases, may ask for keys
             self._count("results_received")
+            if self._updates is not None and applied:
+                this_boot = msg.evidence_sha256 in self._evidence_sent
+                self._updates.verdict(verdict=msg.verdict, release=msg.release,
+                                      reasons=msg.reasons, this_boot=this_boot)
             self._log.info("attestation_result", challenge_id=msg.challenge_id, verdict=msg.verdict,
                            expires=msg.expires, applied=applied, msg_id=envelope.id,
                            reasons="; ".join(msg.reasons))
@@ -545,6 +615,14 @@ class Agent:
             self._count("revocations_received")
             self._log.warning("revocation", state=msg.state, applied=applied, msg_id=envelope.id,
                               reasons="; ".join(msg.reasons))
+        elif isinstance(msg, UpdateAssignment):
+            self._count("update_assignments_received")
+            self._log.info("update_assignment", assignment_id=msg.assignment_id, kind=msg.kind,
+                           version=msg.version, msg_id=envelope.id)
+            if self._updates is not None:
+                self._updates.assign(msg)
+            else:
+                self._log.warning("update_assignment_ignored", reason="no [update] configured")
         elif isinstance(msg, ModelOffer | KeyRelease | KeyDenied):
             if vault is not None:
                 vault.on_message(envelope)
@@ -584,9 +662,10 @@ class Agent:
             return
         tpm_ms = round((time.monotonic() - started) * 1000, 1)
         topic = topics.device_up(self.config.device_id, "evidence")
+        payload = encode_plain(evidence, ts=int(self._clock() * 1000))
+        self._evidence_sent.append(hashlib.sha256(payload).digest())
         try:
-            handle = client.publish(topic, encode_plain(evidence, ts=int(self._clock() * 1000)), qos=1,
-                                    timeout=EVIDENCE_ACK_TIMEOUT)
+            handle = client.publish(topic, payload, qos=1, timeout=EVIDENCE_ACK_TIMEOUT)
             handle.wait(EVIDENCE_ACK_TIMEOUT)
         except TransportError as exc:
             self._count("challenges_missed")
@@ -609,6 +688,8 @@ class Agent:
         worker = self._worker
         if worker is not None:
             worker.join(STOP_TIMEOUT)
+        if self._updates is not None:  # before the TPM goes: a commit raises the NV floor
+            self._updates.stop(STOP_TIMEOUT)
         vault = self._vault
         if vault is not None:  # before the TPM goes: the counters are saved with an NV increment
             vault.attach(None)

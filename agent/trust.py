@@ -48,6 +48,7 @@ from protocol.messages import (
     Message,
     ModelOffer,
     Revocation,
+    UpdateAssignment,
     VerifyKey,
     decode_signed,
     key_id,
@@ -63,6 +64,7 @@ DEVICE_KINDS: Mapping[str, type[Message]] = {
     "model-offer": ModelOffer,
     "key-release": KeyRelease,
     "key-denied": KeyDenied,
+    "update": UpdateAssignment,
 }
 """Message type admitted on each device ``down`` topic kind (``fleet/v1/devices/<id>/down/<kind>``).
 

@@ -56,6 +56,7 @@ from protocol.messages import (
     Evidence,
     Message,
     Revocation,
+    UpdateStatus,
     decode_plain,
     encode_signed,
     key_id,
@@ -109,6 +110,8 @@ class FleetSim:
         """How many of the next enrollment challenges are made for another AK name (activation fails)."""
         self.auto_challenge = auto_challenge
         self.challenge_timeout_ms = challenge_timeout_ms
+        self.release = ""
+        """``release`` of the trusted results it sends (the target whose reference values matched)."""
         self.devices: dict[str, SimDevice] = {}
         self.received: list[Received] = []
         self.sent: list[tuple[str, bytes]] = []
@@ -237,7 +240,8 @@ class FleetSim:
             elif isinstance(env.message, EnrollProof):
                 self._on_proof(parsed.device_id, env.message)
             return
-        env = decode_plain(inbound.payload, allowed=(AttestRequest, Evidence), max_size=MAX_EVIDENCE_MESSAGE)
+        env = decode_plain(inbound.payload, allowed=(AttestRequest, Evidence, UpdateStatus),
+                           max_size=MAX_EVIDENCE_MESSAGE)
         self._record(inbound, parsed.identity, env.message)
         if isinstance(env.message, AttestRequest):
             if self.auto_challenge:
@@ -328,7 +332,8 @@ class FleetSim:
         verdict = "untrusted" if reasons else "trusted"
         result = AttestationResult(challenge_id=ev.challenge_id, verdict=verdict, reasons=tuple(reasons),
                                    expires=int(time.time() * 1000) + RESULT_LIFETIME_MS,
-                                   evidence_sha256=hashlib.sha256(raw).digest())
+                                   evidence_sha256=hashlib.sha256(raw).digest(),
+                                   release="" if reasons else self.release)
         with self._cond:
             if not reasons:
                 dev.held_log = log

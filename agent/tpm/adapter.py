@@ -1236,6 +1236,71 @@ class TpmAdapter:
     def _counter_value(self, handle: Any) -> int:
         return int.from_bytes(bytes(self._ctx.nv_read(handle, 8, 0, auth_handle=ESYS_TR.OWNER)), "big")
 
+    # -- small owner-authorized NV data index ------------------------------------------------------
+    def _nv_data_attributes(self) -> int:
+        return int(TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | (TPM2_NT.ORDINARY << TPMA_NV.TPM2_NT_SHIFT))
+
+    def nv_data_read(self, index: int, size: int) -> bytes | None:
+        """The ``size`` bytes of the NV data index ``index``, or ``None`` if it is undefined or was never
+        written.  An index of another type or size is refused (:class:`TpmError`)."""
+        def read() -> bytes | None:
+            handle = self._nv_handle(index)
+            if handle is None:
+                return None
+            try:
+                attrs = self._check_nv_data(handle, index, size)
+                if not attrs & int(TPMA_NV.WRITTEN):
+                    return None
+                return bytes(self._ctx.nv_read(handle, size, 0, auth_handle=ESYS_TR.OWNER))
+            finally:
+                with contextlib.suppress(TSS2_Exception):
+                    self._ctx.tr_close(handle)
+
+        self._check_nv_data_index(index, size)
+        with self._lock:
+            return self._run("TPM2_NV_Read", read)
+
+    def nv_data_write(self, index: int, data: bytes) -> None:
+        """Write ``data`` to the NV data index ``index`` (owner read/write, ``len(data)`` bytes), defining
+        it first if it does not exist.  TPM NV has a finite write endurance: call it rarely."""
+        size = len(data)
+
+        def write() -> None:
+            handle = self._nv_handle(index)
+            if handle is None:
+                nv_public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+                    nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=self._nv_data_attributes(),
+                    dataSize=size))
+                handle = self._ctx.nv_define_space(b"", nv_public, auth_handle=ESYS_TR.OWNER)
+                log.info("defined NV data index 0x%08x (%d bytes)", index, size)
+            try:
+                self._check_nv_data(handle, index, size)
+                self._ctx.nv_write(handle, data, 0, auth_handle=ESYS_TR.OWNER)
+            finally:
+                with contextlib.suppress(TSS2_Exception):
+                    self._ctx.tr_close(handle)
+
+        self._check_nv_data_index(index, size)
+        with self._lock:
+            self._run("TPM2_NV_Write", write)
+
+    @staticmethod
+    def _check_nv_data_index(index: int, size: int) -> None:
+        if not NV_OWNER_RANGE[0] <= index <= NV_OWNER_RANGE[1]:
+            raise ConfigError(f"NV index 0x{index:08x} is outside the owner range "
+                              f"0x{NV_OWNER_RANGE[0]:08x}-0x{NV_OWNER_RANGE[1]:08x}")
+        if not 1 <= size <= 64:
+            raise ConfigError(f"NV data index size {size} is outside 1..64 bytes")
+
+    def _check_nv_data(self, handle: Any, index: int, size: int) -> int:
+        nv_public, _ = self._ctx.nv_read_public(handle)
+        attrs = int(nv_public.nvPublic.attributes)
+        if (attrs & ~int(TPMA_NV.WRITTEN)) != self._nv_data_attributes() \
+                or int(nv_public.nvPublic.dataSize) != size:
+            raise TpmError(f"NV index 0x{index:08x} exists but is not an owner-authorized {size}-byte data "
+                           f"index (attributes 0x{attrs:08x}); choose another index")
+        return attrs
+
 
 def _stored(cls: Any, path: Path) -> Any:
     """Unmarshal a TPM structure saved in a state file (StorageError if missing or corrupt)."""

@@ -32,6 +32,9 @@ Example (every key is described in ``docs/agent.md``)::
     socket = "/run/edge-agent/inference.sock"
     clients_file = "clients.toml"
 
+    [update]                      # optional: signed updates (docs/updates.md)
+    root_file = "update-root.json"
+
 Strict: unknown keys and tables, wrong types and out-of-range values are refused with a
 :class:`~protocol.errors.ConfigError` that names the key (``mqtt.port: ...``).  Relative paths are
 resolved against the folder of the configuration file, so a configuration folder can be moved as a
@@ -152,6 +155,21 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateConfig:
+    """``[update]``: signed updates through the fleet's TUF repository, fetched over MQTT."""
+
+    root_file: Path
+    """The update repository's root metadata the device is provisioned with (``fleet-server updates
+    root --out FILE``): the trust anchor of every update."""
+    fetch_chunk: int = 256 * 1024
+    """Bytes asked for per ``tuf-fetch`` request."""
+    fetch_timeout: float = 10.0
+    """Seconds after which an unanswered ``tuf-fetch`` request is sent again."""
+    fetch_attempts: int = 3
+    """Requests per chunk before the download fails."""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """Everything the agent is configured with (see :func:`load_config`)."""
 
@@ -170,6 +188,8 @@ class AgentConfig:
     """``[models]``, or ``None`` when the model vault is not configured."""
     inference: InferenceConfig | None = None
     """``[inference]``, or ``None`` when no local inference API is configured."""
+    update: UpdateConfig | None = None
+    """``[update]``, or ``None`` when the device takes no signed updates."""
 
     @property
     def status_path(self) -> Path:
@@ -311,10 +331,11 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     inference = _inference(top.table("inference")) if top.has("inference") else None
     if inference is not None and models is None:
         raise ConfigError("inference: needs a [models] table (the inference API serves the model vault)")
+    update = _update(top.table("update")) if top.has("update") else None
     top.done()
     return AgentConfig(device_id=device_id, device_class=device_class, firmware_version=firmware_version,
                        state_dir=state_dir, eventlog=eventlog, tpm=tpm, mqtt=mqtt, server=server, log=log,
-                       source=source, models=models, inference=inference)
+                       source=source, models=models, inference=inference, update=update)
 
 
 def _models(t: _Table) -> ModelsConfig:
@@ -344,6 +365,15 @@ def _inference(t: _Table) -> InferenceConfig:
     out = InferenceConfig(clients_file=t.path("clients_file"), socket=socket, port=port,
                           audit_max_bytes=t.integer("audit_max_bytes", 8 * 1024 * 1024, lo=4096, hi=1 << 40),
                           audit_keep=t.integer("audit_keep", 4, lo=1, hi=100))
+    t.done()
+    return out
+
+
+def _update(t: _Table) -> UpdateConfig:
+    out = UpdateConfig(root_file=t.path("root_file"),
+                       fetch_chunk=t.integer("fetch_chunk", 256 * 1024, lo=1024, hi=256 * 1024),
+                       fetch_timeout=t.seconds("fetch_timeout", 10.0, lo=0.1, hi=3600),
+                       fetch_attempts=t.integer("fetch_attempts", 3, lo=1, hi=100))
     t.done()
     return out
 

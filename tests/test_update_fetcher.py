@@ -119,7 +119,7 @@ def test_client_refreshes_downloads_and_maps_refusals(repository: TestRepository
     assert target.data == b"firmware image " * 700 and target.custom["version"] == "1.3.0"
     with pytest.raises(UpdateError, match="more than the 100 allowed"):
         client.fetch_target(TARGET, max_length=100)
-    with pytest.raises(UpdateError, match="lists no target firmware/edge-camera/9.9.9.fwb"):
+    with pytest.raises(UpdateError, match=r"lists no target firmware/edge-camera/9\.9\.9\.fwb"):
         client.fetch_target("firmware/edge-camera/9.9.9.fwb", max_length=1 << 20)
     repository.write_target_file(TARGET, b"firmware IMAGE " * 700)  # same length, other bytes
     with pytest.raises(UpdateVerificationError, match="refused by TUF: LengthOrHashMismatchError"):
@@ -152,11 +152,12 @@ signing_public_key = "server.pem"
 
 
 def test_update_config_and_client_from_config(tmp_path: Path, repository: TestRepository) -> None:
-    config = parse_config(_config(tmp_path, '[update]\nroot_file = "root.json"\nfetch_timeout = 2'), base=tmp_path)
+    table = '[update]\nroot_file = "root.json"\nfetch_timeout = 2'
+    config = parse_config(_config(tmp_path, table), base=tmp_path)
     assert config.update is not None and config.update.root_file == tmp_path / "root.json"
     assert config.update.fetch_timeout == 2.0 and config.update.fetch_chunk == 256 * 1024
     server = LoopbackServer(repository)
-    with pytest.raises(ConfigError, match="update.root_file: .* does not exist"):
+    with pytest.raises(ConfigError, match=r"update\.root_file: .* does not exist"):
         UpdateClient.from_config(config, server)
     (tmp_path / "root.json").write_bytes(repository.root_bytes())
     client = UpdateClient.from_config(config, server)
@@ -165,7 +166,7 @@ def test_update_config_and_client_from_config(tmp_path: Path, repository: TestRe
     assert client.metadata_dir == tmp_path / "state" / "tuf"
     assert client.fetch_target(TARGET, max_length=1 << 20).path == TARGET
     assert parse_config(_config(tmp_path, ""), base=tmp_path).update is None
-    with pytest.raises(ConfigError, match="update.fetch_chunk: 10 is outside"):
+    with pytest.raises(ConfigError, match=r"update\.fetch_chunk: 10 is outside"):
         parse_config(_config(tmp_path, '[update]\nroot_file = "r"\nfetch_chunk = 10'), base=tmp_path)
-    with pytest.raises(ConfigError, match="update.colour: unknown key"):
+    with pytest.raises(ConfigError, match=r"update\.colour: unknown key"):
         parse_config(_config(tmp_path, '[update]\nroot_file = "r"\ncolour = 1'), base=tmp_path)

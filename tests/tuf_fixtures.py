@@ -12,7 +12,6 @@ worker uses.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +54,12 @@ class TestRepository:
         fw_key = self.signers[FIRMWARE].public_key
         targets.delegations = Delegations(
             keys={fw_key.keyid: fw_key},
-            roles={FIRMWARE: DelegatedRole(name=FIRMWARE, keyids=[fw_key.keyid], threshold=1, terminating=True,
-                                           paths=["firmware/*/*"])})
+            roles={FIRMWARE: DelegatedRole(name=FIRMWARE, keyids=[fw_key.keyid], threshold=1,
+                                           terminating=True, paths=["firmware/*/*"])})
         self.md: dict[str, Metadata[Any]] = {
-            Root.type: Metadata(root), Targets.type: Metadata(targets), FIRMWARE: Metadata(Targets(expires=expires)),
-            Snapshot.type: Metadata(Snapshot(expires=expires)), Timestamp.type: Metadata(Timestamp(expires=expires)),
+            Root.type: Metadata(root), Targets.type: Metadata(targets),
+            FIRMWARE: Metadata(Targets(expires=expires)), Snapshot.type: Metadata(Snapshot(expires=expires)),
+            Timestamp.type: Metadata(Timestamp(expires=expires)),
         }
         self.history: dict[str, list[bytes]] = {}
         for role in (Root.type, Targets.type, FIRMWARE):
@@ -131,6 +131,3 @@ class TestRepository:
         file = self.folder / path
         return file.read_bytes() if file.is_file() else None
 
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -24,12 +24,13 @@ signatures, not from who may read it). ``pending`` (not yet approved), ``revoked
 ``quarantined`` devices get ``error``: an administrator's hold covers updates too. A device id
 without a row gets no answer.
 
-No rate limit of its own (like ``model-fetch``): a device gets one chunk per request on its own
-topic, and the broker's per-client limits bound the request rate. Repository files are read
+No per-device rate limit (``model-fetch`` has none either): a request costs one read of a cached or
+small file and one publish to the requesting device's own topic, and the agent keeps one request
+outstanding at a time. Repository files are read
 through the small :class:`RepositoryFiles` interface (any
-:class:`~fleet_server.updates.targets.TargetStore` satisfies it); immutable files (consistent
-snapshot names: ``metadata/<version>.<role>.json`` and ``targets/.../<sha256>.<name>``) are kept in
-a bounded per-worker cache, so a large target is not read again for every chunk.
+:class:`~fleet_server.updates.targets.TargetStore` satisfies it); targets (consistent snapshot
+names ``targets/.../<sha256>.<name>``, when the bytes match that digest) are kept in a bounded
+per-worker cache, so a large target is not read again for every chunk.
 
 Like the rest of the worker: every refusal is counted under ``rejected.<reason>`` and logged as one
 ``message_rejected`` line; no exception escapes :meth:`TufFileService.handle`.
@@ -38,6 +39,8 @@ Like the rest of the worker: every refusal is counted under ``rejected.<reason>`
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
 import re
 from collections.abc import Sequence
@@ -73,8 +76,8 @@ UPDATE_STATES: frozenset[str] = frozenset({
 CACHE_BYTES = 128 * 1024 * 1024
 """Default budget of the per-worker cache of immutable repository files."""
 
-# Consistent-snapshot names never change content: versioned metadata and hash-prefixed targets.
-_IMMUTABLE_RE = re.compile(r"^(metadata/[1-9][0-9]{0,9}\.[^/]+\.json|targets/(.+/)?[0-9a-f]{64}\.[^/]+)$")
+# Hash-prefixed target names (consistent snapshots) name their content.
+_HASHED_RE = re.compile(r"^targets/(?:.+/)?([0-9a-f]{64})\.[^/]+$")
 
 
 class RepositoryFiles(Protocol):
@@ -120,6 +123,14 @@ class _FileCache:
         while self._used > self._budget:
             _, old = self._files.popitem(last=False)
             self._used -= len(old)
+
+
+def _cacheable(path: str, data: bytes) -> bool:
+    """Targets whose bytes match the SHA-256 in their name (a file changed on disk is served as it is
+    now, for TUF to refuse, not kept). Metadata is small and read every time: a role's version may be
+    rewritten with more signatures while it waits for its threshold."""
+    hashed = _HASHED_RE.match(path)
+    return hashed is not None and hmac.compare_digest(hashlib.sha256(data).hexdigest(), hashed.group(1))
 
 
 class TufFileService:
@@ -189,7 +200,7 @@ class TufFileService:
         if cached is not None:
             return cached
         data = self.files.read_file(path)
-        if data is not None and _IMMUTABLE_RE.match(path):
+        if data is not None and _cacheable(path, data):
             self._cache.put(path, data)
         return data
 

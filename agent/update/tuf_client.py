@@ -13,10 +13,12 @@ versions, expiry, hashes, lengths) and a download longer than allowed become
 :class:`~protocol.errors.UpdateVerificationError`, any other ``DownloadError`` (no answer, not found)
 :class:`~protocol.errors.UpdateError`, both with python-tuf's message.
 
-Targets are downloaded into memory (:meth:`UpdateClient.fetch_target`), never into a named file:
+Targets are returned as bytes (:meth:`UpdateClient.fetch_target`), never written to a named file:
 the caller decides where verified bytes go (the inactive A/B slot). ngclient's own
-``FetcherInterface.download_bytes`` enforces the signed length while the bytes arrive; the hashes
-are checked with ``TargetFile.verify_length_and_hashes`` before the bytes are returned.
+``FetcherInterface.download_bytes`` enforces the signed length while the bytes arrive (it spools
+them through an anonymous ``tempfile.TemporaryFile``, unlinked from the start, outside the state
+folder); the hashes are checked with ``TargetFile.verify_length_and_hashes`` before the bytes are
+returned.
 """
 
 from __future__ import annotations

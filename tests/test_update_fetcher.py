@@ -76,16 +76,18 @@ def test_a_file_arrives_in_chunks_and_unrelated_answers_are_ignored(repository: 
     server = LoopbackServer(repository)
     fetcher = _fetcher(server)
 
-    def noise(fetch: TufFetch) -> list[TufChunk]:  # another request's answer, then one for the wrong offset
+    def noise(fetch: TufFetch) -> list[TufChunk]:  # another request's answer, a wrong offset, too much data
         return [TufChunk(new_message_id(), fetch.path, "ok", fetch.offset, 5, b"x" * 5),
-                TufChunk(fetch.request_id, fetch.path, "ok", fetch.offset + 1, 10_000, b"y")]
+                TufChunk(fetch.request_id, fetch.path, "ok", fetch.offset + 1, 10_000, b"y"),
+                TufChunk(fetch.request_id, fetch.path, "ok", fetch.offset, 1 << 20,
+                         b"z" * (fetch.length + 1))]
 
     server.noise = noise
     url = TARGET_BASE_URL + str(repository.target_file(TARGET).relative_to(repository.folder / "targets"))
     data = fetcher.download_bytes(url, 20_000)
     assert data == b"firmware image " * 700
     assert [f.offset for f in server.seen] == [0, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192, 9216, 10240]
-    assert fetcher.ignored == 2 * len(server.seen)
+    assert fetcher.ignored == 3 * len(server.seen)
     assert fetcher.requests == len(server.seen)
 
 

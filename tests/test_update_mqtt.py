@@ -164,7 +164,7 @@ def test_refresh_and_download_a_verified_target(
     target = client.fetch_target(TARGET, max_length=1 << 20)
     assert target.path == TARGET and target.data == IMAGE
     assert dict(target.custom) == {"version": "1.3.0", "hardware_class": "edge-camera"}
-    assert device.fetcher.fetched == [
+    assert list(device.fetcher.fetched) == [
         "metadata/2.root.json", "metadata/timestamp.json", "metadata/2.snapshot.json",
         "metadata/1.targets.json", "metadata/2.firmware.json",
         f"targets/firmware/edge-camera/{hashlib.sha256(IMAGE).hexdigest()}.1.3.0.fwb"]
@@ -238,9 +238,9 @@ def test_metadata_persists_across_restarts_and_rollbacks_are_refused(
     # A restart: nothing new in the repository -> only the timestamp and the newer-root probe.
     second = device.update_client()
     second.refresh()
-    assert device.fetcher.fetched == ["metadata/2.root.json", "metadata/timestamp.json"]
+    assert list(device.fetcher.fetched) == ["metadata/2.root.json", "metadata/timestamp.json"]
     assert second.fetch_target(TARGET, max_length=1 << 20).data == IMAGE  # firmware.json from the cache
-    assert device.fetcher.fetched[2:] == [
+    assert list(device.fetcher.fetched)[2:] == [
         f"targets/firmware/edge-camera/{hashlib.sha256(IMAGE).hexdigest()}.1.3.0.fwb"]
     # The repository moves on, the device follows; then the old timestamp is replayed: refused
     # against the version the device kept on disk, even by a freshly started client.
@@ -292,4 +292,4 @@ def test_refresh_benchmark_hook(
     device = make_device("dev-a")
     client = device.update_client()
     assert measure_refresh_ms(client, rounds=3) > 0
-    assert device.fetcher.fetched[-2:] == ["metadata/2.root.json", "metadata/timestamp.json"]
+    assert list(device.fetcher.fetched)[-2:] == ["metadata/2.root.json", "metadata/timestamp.json"]

@@ -13,9 +13,9 @@ of what this yields.
 * One chunk is requested at a time, and the next only when ngclient takes the previous one: ngclient
   stops iterating as soon as more bytes than the file's allowed length arrived
   (:meth:`FetcherInterface.download_file`), so a too-long file costs at most one chunk more.
-* A chunk is accepted only if it answers the outstanding request (request id, path, offset, the
-  total size seen so far); anything else (late answers to a repeated request, another download's
-  chunks, garbage) is ignored and counted.
+* A chunk is accepted only if it answers the outstanding request (request id, path, offset, at most
+  the length asked for, the total size seen so far); anything else (late answers to a repeated
+  request, another download's chunks, garbage) is ignored and counted.
 * A request unanswered for ``timeout`` seconds is sent again with a new request id, at most
   ``attempts`` times; then :class:`~tuf.api.exceptions.SlowRetrievalError`.
 * ``not_found`` is :class:`~tuf.api.exceptions.DownloadHTTPError` with status 404 (how ngclient
@@ -27,6 +27,7 @@ hands every ``tuf-chunk`` payload to :meth:`MqttFetcher.deliver`.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -61,6 +62,7 @@ TARGET_BASE_URL = BASE_URL + "targets/"
 MAX_FILE_SIZE = 8 << 30
 """Largest repository file the fetcher accepts the announced size of (ngclient's limits are lower)."""
 PENDING_CHUNKS = 64
+FETCHED_KEPT = 256
 
 
 class Publisher(Protocol):
@@ -98,8 +100,8 @@ class MqttFetcher(FetcherInterface):
         """Chunk requests published."""
         self.ignored = 0
         """Frames dropped: undecodable, answering no outstanding request, or over the inbox bound."""
-        self.fetched: list[str] = []
-        """Repository paths of every download started, in order (for status and tests)."""
+        self.fetched: collections.deque[str] = collections.deque(maxlen=FETCHED_KEPT)
+        """Repository paths of the latest downloads started, oldest first (for status and tests)."""
 
     # -- the receive side --------------------------------------------------------------------------
     def deliver(self, payload: bytes) -> None:
@@ -146,7 +148,7 @@ class MqttFetcher(FetcherInterface):
             except EdgeError as exc:
                 raise DownloadError(f"{url}: cannot send the request: {exc.diagnostics()}") from None
             self.requests += 1
-            answer = self._await(request_id, path, offset, total)
+            answer = self._await(request_id, path, offset, length, total)
             if answer is None:
                 continue
             if answer.status == "not_found":
@@ -157,7 +159,8 @@ class MqttFetcher(FetcherInterface):
         raise SlowRetrievalError(f"{url}: no answer for bytes from {offset} after {self._attempts} "
                                  f"requests of {self._timeout:g} s")
 
-    def _await(self, request_id: str, path: str, offset: int, total: int | None) -> TufChunk | None:
+    def _await(self, request_id: str, path: str, offset: int, length: int,
+               total: int | None) -> TufChunk | None:
         deadline = self._clock() + self._timeout
         while True:
             left = deadline - self._clock()
@@ -170,7 +173,8 @@ class MqttFetcher(FetcherInterface):
             if chunk.request_id != request_id or chunk.path != path:
                 self._ignore()
                 continue
-            moved = chunk.offset != offset or (total is not None and chunk.total != total)
+            moved = (chunk.offset != offset or len(chunk.data) > length
+                     or (total is not None and chunk.total != total))
             if chunk.status == "ok" and moved:
                 self._ignore()  # answers our id but not our question: not the bytes asked for
                 continue

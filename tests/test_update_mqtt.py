@@ -243,12 +243,16 @@ def test_metadata_persists_across_restarts_and_rollbacks_are_refused(
     assert list(device.fetcher.fetched)[2:] == [
         f"targets/firmware/edge-camera/{hashlib.sha256(IMAGE).hexdigest()}.1.3.0.fwb"]
     # The repository moves on, the device follows; then the old timestamp is replayed: refused
-    # against the version the device kept on disk, even by a freshly started client.
+    # against the version the device kept on disk (a new Updater is built for every refresh).
     repository.new_timestamp()
-    device.update_client().refresh()
+    third = device.update_client()
+    third.refresh()
     (repository.folder / "metadata" / "timestamp.json").write_bytes(old_timestamp)
     with pytest.raises(UpdateVerificationError, match="refused by TUF: BadVersionNumberError"):
-        device.update_client().refresh()
+        third.refresh()
+    # ... and a client whose refresh failed downloads nothing on the metadata of its earlier refresh.
+    with pytest.raises(UpdateVerificationError, match="refused by TUF: BadVersionNumberError"):
+        third.fetch_target(TARGET, max_length=1 << 20)
 
 
 def test_held_devices_are_refused(

@@ -101,8 +101,10 @@ class UpdateClient:
         """Update the top-level metadata (root, timestamp, snapshot, targets) from the repository.
 
         Raises :class:`UpdateVerificationError` for metadata python-tuf refuses, :class:`UpdateError`
-        when it cannot be downloaded; the trusted metadata on disk is then what it was.
+        when it cannot be downloaded; the trusted metadata on disk is then what it was, and the next
+        :meth:`fetch_target` refreshes again first.
         """
+        self._updater = None  # fail closed: no download on the metadata of an earlier refresh
         updater = self._new_updater()
         self._guard("refreshing the update metadata", updater.refresh)
         self._updater = updater

@@ -172,3 +172,20 @@ def test_update_config_and_client_from_config(tmp_path: Path, repository: TestRe
         parse_config(_config(tmp_path, '[update]\nroot_file = "r"\nfetch_chunk = 10'), base=tmp_path)
     with pytest.raises(ConfigError, match=r"update\.colour: unknown key"):
         parse_config(_config(tmp_path, '[update]\nroot_file = "r"\ncolour = 1'), base=tmp_path)
+
+
+def test_expired_or_badly_signed_metadata_is_refused(tmp_path: Path) -> None:
+    import datetime as dt
+
+    stale = TestRepository(tmp_path / "stale", now=dt.datetime.now(dt.UTC) - dt.timedelta(days=8))
+    client = UpdateClient(metadata_dir=tmp_path / "a", root=stale.root_bytes(),
+                          fetcher=_fetcher(LoopbackServer(stale)))
+    with pytest.raises(UpdateVerificationError, match="refused by TUF: ExpiredMetadataError"):
+        client.refresh()
+    forged = TestRepository(tmp_path / "forged")
+    timestamp = forged.folder / "metadata" / "timestamp.json"
+    timestamp.write_bytes(timestamp.read_bytes().replace(b'"version": 1', b'"version": 7', 1))
+    client = UpdateClient(metadata_dir=tmp_path / "b", root=forged.root_bytes(),
+                          fetcher=_fetcher(LoopbackServer(forged)))
+    with pytest.raises(UpdateVerificationError, match="refused by TUF: UnsignedMetadataError"):
+        client.refresh()

@@ -32,7 +32,8 @@ Example (every key is described in ``docs/agent.md``)::
     socket = "/run/edge-agent/inference.sock"
     clients_file = "clients.toml"
 
-    [update]                      # optional: A/B firmware updates (docs/agent.md, "Firmware updates")
+    [update]                      # optional: signed A/B firmware updates (docs/updates.md)
+    root_file = "update-root.json"
     boot_dir = "/boot/edge"
 
 Strict: unknown keys and tables, wrong types and out-of-range values are refused with a
@@ -165,10 +166,15 @@ NV_OWNER_RANGE = (0x01800000, 0x01BFFFFF)
 
 @dataclass(frozen=True, slots=True)
 class UpdateConfig:
-    """``[update]``: A/B firmware updates (the boot folder the bootloader shares with the agent)."""
+    """``[update]``: signed updates through the fleet's TUF repository (fetched over MQTT), installed A/B."""
 
-    boot_dir: Path
-    """Holds ``bootctl.json`` and the slot folders ``slot-a/``, ``slot-b/`` (agent.update.bootctl)."""
+    boot_dir: Path | None = None
+    """Holds ``bootctl.json`` and the slot folders ``slot-a/``, ``slot-b/`` (agent.update.bootctl);
+    required for firmware updates."""
+    root_file: Path | None = None
+    """The update repository's root metadata the device is provisioned with (``fleet-server updates
+    root --out FILE``): the trust anchor of every update; required unless the embedding program
+    passes its own verified target source."""
     max_target_size: int = DEFAULT_MAX_TARGET
     """Largest firmware target the agent downloads (bytes)."""
     boot_tries: int = 1
@@ -177,6 +183,12 @@ class UpdateConfig:
     """TPM NV index of the firmware anti-rollback floor (owner range)."""
     health_checks: tuple[str, ...] = HEALTH_CHECKS
     """Which of :data:`HEALTH_CHECKS` a trial must pass before it is committed."""
+    fetch_chunk: int = 256 * 1024
+    """Bytes asked for per ``tuf-fetch`` request."""
+    fetch_timeout: float = 10.0
+    """Seconds after which an unanswered ``tuf-fetch`` request is sent again."""
+    fetch_attempts: int = 3
+    """Requests per chunk before the download fails."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +211,7 @@ class AgentConfig:
     inference: InferenceConfig | None = None
     """``[inference]``, or ``None`` when no local inference API is configured."""
     update: UpdateConfig | None = None
-    """``[update]``, or ``None`` when the device takes no firmware updates."""
+    """``[update]``, or ``None`` when the device takes no signed updates."""
 
     @property
     def status_path(self) -> Path:
@@ -393,13 +405,20 @@ def _inference(t: _Table) -> InferenceConfig:
 
 
 def _update(t: _Table) -> UpdateConfig:
-    out = UpdateConfig(boot_dir=t.path("boot_dir"),
+    boot_dir = t.path("boot_dir") if t.has("boot_dir") else None
+    root_file = t.path("root_file") if t.has("root_file") else None
+    if boot_dir is None and root_file is None:
+        raise ConfigError("update: needs boot_dir (A/B firmware slots) and root_file (the update root)")
+    out = UpdateConfig(boot_dir=boot_dir, root_file=root_file,
                        max_target_size=t.integer("max_target_size", DEFAULT_MAX_TARGET, lo=1024,
                                                  hi=DEFAULT_MAX_TARGET),
                        boot_tries=t.integer("boot_tries", 1, lo=1, hi=10),
                        floor_nv_index=t.integer("floor_nv_index", DEFAULT_FLOOR_INDEX, lo=NV_OWNER_RANGE[0],
                                                 hi=NV_OWNER_RANGE[1]),
-                       health_checks=t.choice_list("health_checks", HEALTH_CHECKS, choices=HEALTH_CHECKS))
+                       health_checks=t.choice_list("health_checks", HEALTH_CHECKS, choices=HEALTH_CHECKS),
+                       fetch_chunk=t.integer("fetch_chunk", 256 * 1024, lo=1024, hi=256 * 1024),
+                       fetch_timeout=t.seconds("fetch_timeout", 10.0, lo=0.1, hi=3600),
+                       fetch_attempts=t.integer("fetch_attempts", 3, lo=1, hi=100))
     t.done()
     return out
 

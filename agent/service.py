@@ -252,6 +252,8 @@ class Agent:
     def _update_runner(self) -> UpdateRunner:
         cfg = self.config.update
         assert cfg is not None
+        if cfg.boot_dir is None:
+            raise ConfigError("update.boot_dir: firmware updates need the A/B boot folder")
         if self._rebooter is None or self._target_source is None:
             raise ConfigError("update: an agent with [update] needs a rebooter and a target source")
         folder = ensure_dir(self.config.state_dir / UPDATE_SUBDIR)

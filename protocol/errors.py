@@ -91,3 +91,12 @@ class AuthorizationError(EdgeError):
 
 class ProcessError(EdgeError):
     """An external program the project starts (swtpm, mosquitto, tpm2-tools) failed."""
+
+
+class UpdateError(EdgeError):
+    """An update (TUF metadata or a target) could not be fetched, or the agent refused it."""
+
+
+class UpdateVerificationError(UpdateError, VerificationError):
+    """TUF refused the update repository's metadata or a target (signature, threshold, version,
+    expiry, length or hash): never install, never trust."""

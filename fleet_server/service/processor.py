@@ -61,6 +61,7 @@ from fleet_server.service.context import ServiceContext
 from fleet_server.service.crl import record_issued
 from fleet_server.service.models import MODEL_KINDS, ModelService
 from fleet_server.service.policies import ANY_CLASS, MAX_AGE_S, PolicyResolver
+from fleet_server.service.tuf_files import TUF_KINDS, RepositoryFiles, TufFileService
 from fleet_server.storage.models import ATTESTED_STATES, HELD_STATES, ChallengeStatus, DeviceState
 from fleet_server.storage.repo import (
     AppraisedDevice,
@@ -112,6 +113,7 @@ DEVICE_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_HELLO: (AttestRequest, MAX_PLAIN_MESSAGE),
     KIND_EVIDENCE: (Evidence, MAX_EVIDENCE_MESSAGE),
     **MODEL_KINDS,  # model-fetch, key-request, telemetry, model-status: fleet_server/service/models.py
+    **TUF_KINDS,  # tuf-fetch: fleet_server/service/tuf_files.py
 }
 ENROLL_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_REQUEST: (EnrollRequest, MAX_PLAIN_MESSAGE),
@@ -258,13 +260,16 @@ class Processor:
     """Handles batches of inbound messages for one worker (see the module docstring).
 
     ``on_outbox`` is called after a commit that wrote outbox rows (the worker then publishes them
-    without waiting for its next outbox round). Calls of :meth:`handle_batch` are serialised by a
-    lock (a worker has one processing thread); the caches are per instance.
+    without waiting for its next outbox round). ``update_files``: the update repository served to
+    devices over MQTT (``None``: none configured, every ``tuf-fetch`` is answered ``not_found``).
+    Calls of :meth:`handle_batch` are serialised by a lock (a worker has one processing thread); the
+    caches are per instance.
     """
 
     def __init__(self, ctx: ServiceContext, repo: Repository, counters: Counters, *,
                  on_outbox: Callable[[], None] | None = None, ak_cache_size: int = AK_CACHE_SIZE,
-                 boot_cache_size: int = BOOT_CACHE_SIZE, dedup_size: int = DEDUP_SIZE) -> None:
+                 boot_cache_size: int = BOOT_CACHE_SIZE, dedup_size: int = DEDUP_SIZE,
+                 update_files: RepositoryFiles | None = None) -> None:
         self.ctx = ctx
         self.repo = repo
         self.counters = counters
@@ -277,6 +282,7 @@ class Processor:
         self._boots = _Lru(boot_cache_size)
         self._lock = threading.Lock()
         self.models = ModelService(ctx, repo, counters)
+        self.tuf = TufFileService(repo, counters, update_files)
 
     # -- public ------------------------------------------------------------------------------------
     def handle_batch(self, inbound: Sequence[InboundMessage]) -> list[Outgoing]:
@@ -362,6 +368,9 @@ class Processor:
         model_items = [i for i in items if i.kind in MODEL_KINDS]
         if model_items:  # own transaction (key requests, telemetry) or a read (downloads)
             out += self.models.handle(model_items, now)
+        tuf_items = [i for i in items if i.kind in TUF_KINDS]
+        if tuf_items:  # a read of the device states, then files of the update repository
+            out += self.tuf.handle(tuf_items, now)
         return out
 
     def _fallback(self, units: list[Inbound | _EnrollPlan], now: int) -> _Effects:

@@ -48,6 +48,7 @@ from fleet_server.service.crl import CrlRenewer
 from fleet_server.service.outbox import OutboxPublisher
 from fleet_server.service.processor import Processor
 from fleet_server.service.scheduler import Scheduler
+from fleet_server.service.tuf_files import RepositoryFiles
 from fleet_server.storage.db import create_engine, describe_url
 from fleet_server.storage.repo import Repository
 from protocol import topics
@@ -74,11 +75,13 @@ class Worker:
 
     ``ctx`` and ``repo`` default to those built from ``config``; tests pass their own (manual clock,
     temporary database). ``client`` replaces the MQTT client built from ``config.mqtt``.
+    ``update_files``: the update repository whose files devices fetch over MQTT (``tuf-fetch``; any
+    :class:`~fleet_server.updates.targets.TargetStore`); ``None``: every fetch gets ``not_found``.
     """
 
     def __init__(self, config: ServerConfig, *, index: int = 0, ctx: ServiceContext | None = None,
                  repo: Repository | None = None, client: MqttClient | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, update_files: RepositoryFiles | None = None) -> None:
         self.config = config
         self.index = index
         self.name = worker_name(index)
@@ -86,7 +89,8 @@ class Worker:
         self.repo = repo or Repository(create_engine(config.database_url))
         self.counters = Counters()
         self.processor = Processor(self.ctx, self.repo, self.counters, on_outbox=self.wake_outbox,
-                                   ak_cache_size=config.cache_devices, boot_cache_size=config.cache_devices)
+                                   ak_cache_size=config.cache_devices, boot_cache_size=config.cache_devices,
+                                   update_files=update_files)
         self.scheduler = Scheduler(self.ctx, self.repo, self.counters)
         self.outbox = OutboxPublisher(self.repo, self.ctx.clock, self.counters)
         mq = config.mqtt

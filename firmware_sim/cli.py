@@ -23,6 +23,7 @@ Commands here::
     firmware-sim model build OUT.onnx [--seed N]            a small ONNX classifier (tests, demo)
     firmware-sim fleet --devices N --duration S ...         a whole simulated fleet, measured (fleet_cli)
     firmware-sim demo                                       broker, server + console, five devices (demo)
+    firmware-sim release build OUT --from P|DIR --version V a firmware bundle folder + reference values
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ COMMANDS: dict[str, str] = {
     "fleet": "firmware_sim.fleet_cli:register",
     "model": "firmware_sim.model_cli:register",
     "demo": "firmware_sim.demo:register",
+    "release": "firmware_sim.release_cli:register",
 }
 
 #: Environment variable naming the manufacturer CA folder used by ``device create``.

@@ -71,7 +71,8 @@ class ReleaseImages:
 
 def _check_version(version: str) -> str:
     if not NAME_RE.fullmatch(version) or len(version) > 32:
-        raise ConfigError(f"release version {version[:40]!r} must be 1-32 letters, digits, '.', '_', '+', '-'")
+        raise ConfigError(f"release version {version[:40]!r} must be 1-32 letters, digits, "
+                          "'.', '_', '+', '-'")
     return version
 
 

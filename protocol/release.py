@@ -197,7 +197,8 @@ def load_bundle_folder(path: Path) -> tuple[dict[str, JsonValue], dict[str, byte
     policy = _read_json(folder / REFERENCE_VALUES_FILE)
     if not isinstance(policy, dict):
         raise ReleaseError(f"{folder / REFERENCE_VALUES_FILE}: expected a JSON object")
-    if (policy.get("device_class"), policy.get("firmware_version")) != (manifest.device_class, manifest.version):
+    names = (policy.get("device_class"), policy.get("firmware_version"))
+    if names != (manifest.device_class, manifest.version):
         raise ReleaseError(f"{folder / REFERENCE_VALUES_FILE}: device_class/firmware_version differ from "
                            f"release.json ({manifest.device_class} {manifest.version})")
     assert isinstance(raw_manifest, dict)

@@ -34,7 +34,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
         print(f"release {summary['device_class']} {summary['version']} written to {args.out} "
-              f"(reference values {summary['reference_values']['name']})")  # type: ignore[index]
+              f"(reference values {summary['reference_values']['name']})")
     return 0
 
 

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import json
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,11 +168,17 @@ def load_bundle_folder(path: Path) -> tuple[dict[str, JsonValue], dict[str, byte
     (its full validation is the server's ``ReferencePolicy.from_json``).  Raises :class:`ReleaseError`.
     """
     folder = Path(path)
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         raise ReleaseError(f"{folder} is not a bundle folder")
+    entries = {p.name for p in folder.iterdir()}
+    if entries != {RELEASE_FILE, REFERENCE_VALUES_FILE, IMAGES_DIR}:
+        raise ReleaseError(f"{folder}: a bundle folder holds exactly {RELEASE_FILE}, {REFERENCE_VALUES_FILE} "
+                           f"and {IMAGES_DIR}/ (found {', '.join(sorted(entries)[:8]) or 'nothing'})")
     raw_manifest = _read_json(folder / RELEASE_FILE)
     manifest = ReleaseManifest.from_json(raw_manifest)
     images = folder / IMAGES_DIR
+    if images.is_symlink() or not images.is_dir():
+        raise ReleaseError(f"{images} is not a folder")
     try:
         present = {p.name for p in images.iterdir()}
     except OSError as exc:
@@ -185,7 +192,8 @@ def load_bundle_folder(path: Path) -> tuple[dict[str, JsonValue], dict[str, byte
     files: dict[str, bytes] = {}
     for name, comp in manifest.components.items():
         file_path = images / comp.file
-        if not file_path.is_file() or file_path.stat().st_size != comp.size:
+        info = file_path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size != comp.size:
             raise ReleaseError(f"{file_path}: not a file of {comp.size} bytes as release.json says ({name})")
         try:
             data = file_path.read_bytes()

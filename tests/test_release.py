@@ -147,7 +147,10 @@ def test_release_build_bad_inputs_are_one_line_errors(tmp_path: Path,
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "images" / "vmlinuz").write_bytes(b"evil"), "vmlinuz"),
     (lambda d: (d / "images" / "extra.bin").write_bytes(b"x"), "not in release.json"),
-    (lambda d: (d / "reference-values.json").unlink(), "missing"),
+    (lambda d: (d / "reference-values.json").unlink(), "holds exactly"),
+    (lambda d: (d / "notes.txt").write_text("x"), "holds exactly"),
+    (lambda d: ((d / "images" / "vmlinuz").unlink(),
+                (d / "images" / "vmlinuz").symlink_to(d / "release.json")), "not a file"),
     (lambda d: (d / "release.json").write_text(
         (d / "release.json").read_text().replace('"version": "1.3.0"', '"version": "1.3.1"')),
      "differ from release.json"),

@@ -209,6 +209,7 @@ def _cmd_reflash(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from agent.update import bootctl
     from firmware_sim.device import SimulatedDevice
     from firmware_sim.images import COMPONENTS
 
@@ -220,6 +221,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"cmdline:    {profile.kernel_cmdline}")
     print(f"eventlog:   {device.eventlog_path}")
     print(f"tpm state:  {device.tpm_dir}")
+    ctl = bootctl.read(device.boot_dir)
+    trial = "none" if ctl.trial is None else f"slot {ctl.trial.slot} ({ctl.trial.version}, " \
+        f"{ctl.trial.tries_left} tries left)"
+    print(f"boot slots: active {ctl.active}, booted {ctl.booted}, trial {trial}")
     for component in COMPONENTS:
         path = device.image_path(component)
         try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -198,12 +199,20 @@ def build_release(out_dir: Path, release: ReleaseImages) -> dict[str, JsonValue]
         raise ConfigError(f"{out} exists and is not an empty folder")
     manifest = manifest_of(release)
     policy = reference_values(release)
+    created = not out.exists()
     images = out / IMAGES_DIR
-    images.mkdir(parents=True, exist_ok=True)
-    for component in COMPONENTS:
-        (images / IMAGE_FILES[component]).write_bytes(release.images[component])
-    (out / REFERENCE_VALUES_FILE).write_bytes(_json_bytes(policy))
-    (out / RELEASE_FILE).write_bytes(manifest.to_bytes())  # last: a folder with it is complete
+    try:
+        images.mkdir(parents=True, exist_ok=True)
+        for component in COMPONENTS:
+            (images / IMAGE_FILES[component]).write_bytes(release.images[component])
+        (out / REFERENCE_VALUES_FILE).write_bytes(_json_bytes(policy))
+        (out / RELEASE_FILE).write_bytes(manifest.to_bytes())  # last: a folder with it is complete
+    except BaseException:
+        shutil.rmtree(out if created else images, ignore_errors=True)
+        if not created:
+            for name in (REFERENCE_VALUES_FILE, RELEASE_FILE):
+                (out / name).unlink(missing_ok=True)
+        raise
     events = policy["events"]
     return {"out_dir": str(out), "device_class": release.device_class, "version": release.version,
             "components": manifest.to_json()["components"],

@@ -136,7 +136,7 @@ class BootMedia:
 
     @classmethod
     def from_directory(cls, images_dir: Path) -> BootMedia:
-        """Read the images of a device folder (``<device>/images``), as its boot chain would."""
+        """Read the images of a boot slot (``<device>/boot/slot-a``...), as its boot chain would."""
         values = {}
         for component in COMPONENTS:
             path = Path(images_dir) / IMAGE_FILES[component]

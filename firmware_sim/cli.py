@@ -23,6 +23,7 @@ Commands here::
     firmware-sim model build OUT.onnx [--seed N]            a small ONNX classifier (tests, demo)
     firmware-sim fleet --devices N --duration S ...         a whole simulated fleet, measured (fleet_cli)
     firmware-sim demo                                       broker, server + console, five devices (demo)
+    firmware-sim release build OUT --from P|DIR --version V a firmware bundle folder + reference values
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ COMMANDS: dict[str, str] = {
     "fleet": "firmware_sim.fleet_cli:register",
     "model": "firmware_sim.model_cli:register",
     "demo": "firmware_sim.demo:register",
+    "release": "firmware_sim.release_cli:register",
 }
 
 #: Environment variable naming the manufacturer CA folder used by ``device create``.
@@ -207,6 +209,7 @@ def _cmd_reflash(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from agent.update import bootctl
     from firmware_sim.device import SimulatedDevice
     from firmware_sim.images import COMPONENTS
 
@@ -218,6 +221,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"cmdline:    {profile.kernel_cmdline}")
     print(f"eventlog:   {device.eventlog_path}")
     print(f"tpm state:  {device.tpm_dir}")
+    ctl = bootctl.read(device.boot_dir)
+    trial = "none" if ctl.trial is None else f"slot {ctl.trial.slot} ({ctl.trial.version}, " \
+        f"{ctl.trial.tries_left} tries left)"
+    print(f"boot slots: active {ctl.active}, booted {ctl.booted}, trial {trial}")
     for component in COMPONENTS:
         path = device.image_path(component)
         try:

@@ -1,19 +1,33 @@
-"""A simulated edge device: a folder with boot images, a manufactured swtpm, and a TCG event log.
+"""A simulated edge device: a folder with A/B boot slots, a manufactured swtpm, and a TCG event log.
 
 Folder layout::
 
     <device>/
-      device.json        the device's current profile (what is flashed, platform settings)
-      images/            firmware.bin, bootloader.efi, vmlinuz, initrd.img, rootfs.img,
-                         agent-class.toml  (see firmware_sim.images)
+      device.json        the device's flashed profile (what the factory put in slot a, platform
+                         settings) and simulator options (``trial_tamper``, below)
+      boot/              the boot folder of agent.update.bootctl:
+        bootctl.json     the A/B boot control (active slot, trial, last rollback)
+        slot-a/          firmware.bin, bootloader.efi, vmlinuz, initrd.img, rootfs.img,
+                         agent-class.toml (see firmware_sim.images) and release.json (the release's
+                         manifest with its boot settings, see protocol.release): the factory images
+        slot-b/          empty until the agent installs a release into it
       tpm/               swtpm state (EKs and EK certificates from the manufacturer CA)
       eventlog.bin       the TCG binary event log of the last boot; the agent reads it from here,
                          as it would read /sys/kernel/security/tpm0/binary_bios_measurements
 
-A boot measures *what is on disk* in ``images/`` (so a file an attacker replaced is measured as
-such) with the platform settings of the stored profile.  Use the device as a context manager:
-leaving the block stops its swtpm, and the swtpm wrapper kills a forgotten process as a last
-resort; :meth:`SimulatedDevice.destroy` also deletes the folder.
+At power-on the bootloader asks :func:`agent.update.bootctl.choose_boot_slot` which slot to boot (a
+trial slot with tries left, else the active one) and the boot measures *what is on disk* in that slot
+(so a file an attacker replaced is measured as such) with the boot settings of the slot's
+``release.json`` (the stored profile's settings if it has none).  A trial slot whose images cannot be
+read is abandoned and the active slot boots, as a bootloader falls back when a slot does not load.
+
+``trial_tamper`` (``SimulatedDevice.create(..., trial_tamper="kernel")``) models a device that
+installs a correctly signed release but boots something else: whenever it boots a trial slot, that
+component's image in the slot is patched first (the tampered variant of firmware_sim.images), so its
+measurements differ from the release's reference values.
+
+Use the device as a context manager: leaving the block stops its swtpm, and the swtpm wrapper kills a
+forgotten process as a last resort; :meth:`SimulatedDevice.destroy` also deletes the folder.
 """
 
 from __future__ import annotations
@@ -26,24 +40,28 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from agent.update import bootctl
 from firmware_sim.boot import (
     DEFAULT_BANKS,
     MEASURED_PCRS,
     BootMedia,
     BootRecord,
+    BootSettings,
     measured_boot,
     read_pcrs,
 )
-from firmware_sim.images import COMPONENTS, IMAGE_FILES, generate_image
+from firmware_sim.images import COMPONENTS, IMAGE_FILES, tamper_image
 from firmware_sim.manufacturer import ManufacturerCA
-from firmware_sim.profiles import Profile, get_profile
+from firmware_sim.profiles import TAMPER_VARIANT, Profile, get_profile
+from firmware_sim.release import boot_to_settings, from_profile, read_manifest, write_slot
 from firmware_sim.swtpm import Swtpm
-from protocol.errors import ConfigError, TpmError
+from protocol.errors import ConfigError, EdgeError, TpmError
+from protocol.release import RELEASE_FILE
 from protocol.tpm.constants import NV_EK_CERT_ECC, NV_EK_CERT_RSA
 
 STATE_FILE = "device.json"
 STATE_FORMAT = 1
-IMAGES_DIR = "images"
+BOOT_DIR = "boot"
 TPM_DIR = "tpm"
 EVENTLOG_FILE = "eventlog.bin"
 
@@ -69,27 +87,35 @@ class SimulatedDevice:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self._profile = self._load_state()
+        self._profile, self._trial_tamper = self._load_state()
         self.swtpm = Swtpm(self.tpm_dir)
         self._last_boot: BootRecord | None = None
+        self._booted_slot: str | None = None
 
     # -- creation ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, *, ca: ManufacturerCA,
-               profile: Profile | str = "golden") -> SimulatedDevice:
+    def create(cls, folder: Path, *, ca: ManufacturerCA, profile: Profile | str = "golden",
+               trial_tamper: str | None = None) -> SimulatedDevice:
         """Create a device in ``folder`` (which must not exist or be empty): write the images of
-        ``profile`` and manufacture a TPM whose EK certificates ``ca`` signs."""
+        ``profile`` into slot a and manufacture a TPM whose EK certificates ``ca`` signs.  With
+        ``trial_tamper`` (a component), the device boots that component tampered whenever it boots
+        a trial slot (see the module docstring)."""
         folder = Path(folder)
         chosen = get_profile(profile)
+        if trial_tamper is not None and trial_tamper not in IMAGE_FILES:
+            raise ConfigError(f"unknown component {trial_tamper!r}; known: {', '.join(COMPONENTS)}")
         if folder.exists() and any(folder.iterdir()):
             raise ConfigError(f"{folder} exists and is not empty")
         created_folder = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / IMAGES_DIR).mkdir()
-            cls._write_images(folder / IMAGES_DIR, chosen)
+            boot_dir = folder / BOOT_DIR
+            for slot in bootctl.SLOTS:
+                bootctl.slot_dir(boot_dir, slot).mkdir(parents=True)
+            write_slot(bootctl.slot_dir(boot_dir, "a"), from_profile(chosen))
+            bootctl.write(boot_dir, bootctl.BootControl())
             Swtpm(folder / TPM_DIR).manufacture(ca)
-            cls._save_state(folder, chosen)
+            cls._save_state(folder, chosen, trial_tamper)
         except BaseException:
             # Leave nothing half-made behind (swtpm_setup runs no lasting process).
             if created_folder:
@@ -105,8 +131,31 @@ class SimulatedDevice:
 
     # -- paths and state ---------------------------------------------------------------------------
     @property
+    def boot_dir(self) -> Path:
+        """The A/B boot folder (``bootctl.json``, ``slot-a/``, ``slot-b/``)."""
+        return self.folder / BOOT_DIR
+
+    def slot_dir(self, slot: str) -> Path:
+        try:
+            return bootctl.slot_dir(self.boot_dir, slot)
+        except EdgeError as exc:
+            raise ConfigError(exc.diagnostics()) from None
+
+    @property
     def images_dir(self) -> Path:
-        return self.folder / IMAGES_DIR
+        """The images of the active (committed) slot: what :meth:`reflash` and :meth:`write_image`
+        change and what boots when no trial is pending."""
+        return self.slot_dir(bootctl.read(self.boot_dir).active)
+
+    @property
+    def booted_slot(self) -> str | None:
+        """The slot the last boot in this process booted (``a`` or ``b``), if any."""
+        return self._booted_slot
+
+    @property
+    def trial_tamper(self) -> str | None:
+        """The component this device boots tampered from a trial slot, if any."""
+        return self._trial_tamper
 
     @property
     def tpm_dir(self) -> Path:
@@ -147,7 +196,7 @@ class SimulatedDevice:
         """Events, log and expected PCRs of the last boot in this process, if any."""
         return self._last_boot
 
-    def _load_state(self) -> Profile:
+    def _load_state(self) -> tuple[Profile, str | None]:
         try:
             raw = json.loads(self.state_path.read_text())
         except FileNotFoundError:
@@ -156,39 +205,67 @@ class SimulatedDevice:
             raise ConfigError(f"cannot read {self.state_path}: {exc}") from exc
         if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
             raise ConfigError(f"{self.state_path}: unsupported device state format")
-        return Profile.from_dict(raw.get("profile", {}))
+        tamper = raw.get("trial_tamper")
+        if tamper is not None and tamper not in IMAGE_FILES:
+            raise ConfigError(f"{self.state_path}: trial_tamper must be null or a component")
+        return Profile.from_dict(raw.get("profile", {})), tamper
 
     @staticmethod
-    def _save_state(folder: Path, profile: Profile) -> None:
-        state: dict[str, Any] = {"format": STATE_FORMAT, "profile": profile.to_dict()}
+    def _save_state(folder: Path, profile: Profile, trial_tamper: str | None) -> None:
+        state: dict[str, Any] = {"format": STATE_FORMAT, "profile": profile.to_dict(),
+                                 "trial_tamper": trial_tamper}
         _write_atomic(folder / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
-
-    @staticmethod
-    def _write_images(images_dir: Path, profile: Profile, components: Iterable[str] = COMPONENTS) -> None:
-        specs = profile.image_specs()
-        for component in components:
-            _write_atomic(images_dir / IMAGE_FILES[component], generate_image(specs[component]))
 
     # -- power -------------------------------------------------------------------------------------
     def boot(self, profile: Profile | str | None = None) -> BootRecord:
-        """Power on and run the measured boot: start swtpm with fresh PCRs (stopping it first if it
-        runs), extend every event, write ``eventlog.bin``.  With ``profile``, reflash it first."""
+        """Power on and run the measured boot: the bootloader chooses the slot (bootctl), swtpm
+        starts with fresh PCRs (stopped first if it runs: TPM2_Startup(CLEAR) on a kept state),
+        every event of the slot's boot is extended, ``eventlog.bin`` written.  With ``profile``,
+        reflash it into the active slot first."""
         if profile is not None:
             self.reflash(profile)
-        media = BootMedia.from_directory(self.images_dir)
+        slot, media, settings = self._load_boot_slot()
         self.swtpm.stop()  # a boot always starts from reset PCRs
         self.swtpm.start()
         try:
-            record = measured_boot(self.swtpm.tcti, media, self._profile.boot_settings, self.eventlog_path)
+            record = measured_boot(self.swtpm.tcti, media, settings, self.eventlog_path)
         except BaseException:
             self.swtpm.stop()
             raise
-        self._last_boot = record
+        self._last_boot, self._booted_slot = record, slot
         return record
 
+    def _load_boot_slot(self) -> tuple[str, BootMedia, BootSettings]:
+        """The bootloader: choose the slot, read its images and boot settings."""
+        ctl = bootctl.choose_boot_slot(self.boot_dir)
+        if ctl.in_trial:
+            try:
+                if self._trial_tamper is not None:
+                    self._tamper_slot(ctl.booted, self._trial_tamper)
+                return ctl.booted, *self._read_slot(ctl.booted)
+            except EdgeError as exc:  # the trial slot does not load: fall back to the active one
+                bootctl.abandon_trial(self.boot_dir, f"slot {ctl.booted} does not boot: {exc.diagnostics()}")
+                ctl = bootctl.choose_boot_slot(self.boot_dir)
+        return ctl.booted, *self._read_slot(ctl.booted)
+
+    def _read_slot(self, slot: str) -> tuple[BootMedia, BootSettings]:
+        folder = self.slot_dir(slot)
+        media = BootMedia.from_directory(folder)
+        if (folder / RELEASE_FILE).exists():
+            return media, boot_to_settings(read_manifest(folder / RELEASE_FILE).boot)
+        return media, self._profile.boot_settings
+
+    def _tamper_slot(self, slot: str, component: str) -> None:
+        path = self.slot_dir(slot) / IMAGE_FILES[component]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read boot image {path}: {exc.strerror or exc}") from None
+        _write_atomic(path, tamper_image(component, data, TAMPER_VARIANT))
+
     def power_cycle(self) -> BootRecord:
-        """Power off and on: stop swtpm (PCRs reset), start it, re-run the measured boot with the
-        currently flashed profile."""
+        """Power off and on: stop swtpm (PCRs reset), start it, re-run the measured boot of the slot
+        the bootloader chooses."""
         self.shutdown()
         return self.boot()
 
@@ -203,11 +280,11 @@ class SimulatedDevice:
 
     # -- flashing ----------------------------------------------------------------------------------
     def reflash(self, profile: Profile | str) -> None:
-        """Flash ``profile``: rewrite every image and the platform settings (a legitimate update,
-        or an attacker's). Takes effect at the next boot or power cycle."""
+        """Flash ``profile`` into the active slot: rewrite every image and its release.json (a
+        legitimate re-install, or an attacker's). Takes effect at the next boot or power cycle."""
         chosen = get_profile(profile)
-        self._write_images(self.images_dir, chosen)
-        self._save_state(self.folder, chosen)
+        write_slot(self.images_dir, from_profile(chosen))
+        self._save_state(self.folder, chosen, self._trial_tamper)
         self._profile = chosen
 
     def write_image(self, component: str, data: bytes) -> None:

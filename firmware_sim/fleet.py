@@ -79,6 +79,7 @@ from firmware_sim.fleet_report import (
     read_window,
 )
 from firmware_sim.manufacturer import ManufacturerCA
+from firmware_sim.power import PowerCycler
 from firmware_sim.procutil import free_port
 from firmware_sim.profiles import Profile, get_profile
 from protocol.errors import ConfigError, EdgeError
@@ -305,6 +306,8 @@ class FleetHarness:
         self._cleaned = False
         self.devices: dict[str, _Device] = {}
         self.hosts: list[AgentHost] = []
+        self.power: PowerCycler | None = None
+        """Runs the power cycles the agents ask for (their Rebooter), on the harness's side."""
         self.broker: MosquittoBroker | None = None
         self._server: subprocess.Popen[bytes] | None = None
         self._server_log: Any = None
@@ -426,6 +429,9 @@ class FleetHarness:
         """Stop agents, the server (SIGTERM), the broker and every swtpm; idempotent, never raises
         for a process that is already gone."""
         errors: list[str] = []
+        if self.power is not None:  # no reboot may start a new agent while they stop
+            self.power.close()
+            self.power = None
         if self.hosts:
             self._progress("stopping agents")
             with ThreadPoolExecutor(max_workers=len(self.hosts)) as pool:
@@ -807,7 +813,9 @@ class FleetHarness:
     def _start_agents(self) -> None:
         count = self.config.effective_agent_processes
         self._progress(f"starting {len(self.devices)} agents in {count} processes")
-        self.hosts = launch_hosts(count, self.logs_dir, self.config.agent_log_level)
+        self.power = PowerCycler(self._agent_reboot)
+        self.hosts = launch_hosts(count, self.logs_dir, self.config.agent_log_level,
+                                  on_reboot=self.power.request)
         groups: list[list[tuple[str, Path]]] = [[] for _ in self.hosts]
         for i, device in enumerate(self.devices.values()):
             host = self.hosts[i % count]
@@ -837,8 +845,9 @@ class FleetHarness:
 
     def power_cycle(self, device_id: str, profile: str | None = None) -> None:
         """Power-cycle a device: its agent stops, the TPM restarts (PCRs reset, new ports), the
-        measured boot runs again (reflashing ``profile`` first if given), and a new agent starts
-        with the same state folder (same AK and device certificate), as after a real reboot."""
+        measured boot of the slot the bootloader chooses runs again (reflashing ``profile`` into the
+        active slot first if given), and a new agent starts with the same state folder (same AK and
+        device certificate), as after a real reboot.  Also what an agent's reboot request runs."""
         device = self._device(device_id)
         self.stop_agent(device_id)
         if profile is not None:
@@ -847,6 +856,11 @@ class FleetHarness:
         device.sim.power_cycle()
         self.start_agent(device_id)
         self._progress(f"{device_id} power-cycled")
+
+    def _agent_reboot(self, device_id: str, reason: str) -> None:
+        """An agent asked its platform to reboot (runs on the :attr:`power` thread)."""
+        self._progress(f"{device_id} reboots: {reason}")
+        self.power_cycle(device_id)
 
     def _device(self, device_id: str) -> _Device:
         try:

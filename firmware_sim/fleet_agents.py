@@ -19,7 +19,14 @@ command                    effect and reply
 ``exit``                   stop every agent and end the process
 =========================  ==========================================================================
 
-Replies are ``(True, value)`` or ``(False, one-line error)``; an error never kills the host.  The
+Replies are ``(True, value)`` or ``(False, one-line error)``; an error never kills the host.
+
+A second, one-way pipe carries the host's own requests to the harness: ``("reboot", id, reason)``
+when an agent asks its platform to reboot (:meth:`_Host.rebooter` gives each agent a
+:class:`~firmware_sim.power.RequestedReboot` that sends it).  :class:`AgentHost` reads that pipe on a
+thread and passes each request to its ``on_reboot`` callback (the harness's
+:class:`~firmware_sim.power.PowerCycler`), so the power cycle runs on the harness's side, never in
+the agent's call stack.  The
 host ignores SIGINT (the harness decides when agents stop; a Ctrl-C in the terminal reaches the
 whole foreground process group) and ends when its pipe closes, so it cannot outlive the harness.
 """
@@ -38,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.power import RebootSink, RequestedReboot
 from protocol.errors import EdgeError, ProcessError
 
 #: Seconds the harness waits for a host's reply before declaring it dead.
@@ -97,12 +105,28 @@ class AgentSnapshot:
 class _Host:
     """The agents of one host process, keyed by device id."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: multiprocessing.connection.Connection | None = None) -> None:
         from agent.service import Agent
 
         self._agent_type = Agent
         self.agents: dict[str, Agent] = {}
         self._log = logging.getLogger("agent")
+        self._events = events
+        self._events_lock = threading.Lock()  # agents' threads share the pipe
+
+    def rebooter(self, device_id: str) -> RequestedReboot:
+        """The :class:`~agent.update.bootctl.Rebooter` of ``device_id``'s agent: its request goes to
+        the harness over the event pipe."""
+        return RequestedReboot(device_id, self._send_reboot)
+
+    def _send_reboot(self, device_id: str, reason: str) -> None:
+        if self._events is None:
+            raise ProcessError("this agent host has no event pipe to the harness: cannot reboot")
+        with self._events_lock:
+            try:
+                self._events.send(("reboot", device_id, reason))
+            except (OSError, ValueError) as exc:
+                raise ProcessError(f"cannot reach the harness to reboot {device_id}: {exc}") from None
 
     def start(self, entries: Sequence[tuple[str, str]]) -> None:
         from agent.config import load_config
@@ -140,14 +164,15 @@ class _Host:
         return out
 
 
-def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_level: str) -> None:
+def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_level: str,
+              events: multiprocessing.connection.Connection | None = None) -> None:
     """Entry point of an agent host process (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from agent.log import configure_logging
 
     stream = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
     configure_logging(log_level, "kv", stream)
-    host = _Host()
+    host = _Host(events)
     try:
         while True:
             try:
@@ -180,6 +205,9 @@ def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_le
         host.stop(None)
         with contextlib.suppress(OSError):
             conn.close()
+        if events is not None:
+            with contextlib.suppress(OSError):
+                events.close()
         stream.close()
 
 
@@ -189,7 +217,8 @@ def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_le
 class AgentHost:
     """One agent host process, seen from the harness.  Thread-safe (one command at a time)."""
 
-    def __init__(self, index: int, log_path: Path, log_level: str = "warning") -> None:
+    def __init__(self, index: int, log_path: Path, log_level: str = "warning", *,
+                 on_reboot: RebootSink | None = None) -> None:
         self.index = index
         self.log_path = Path(log_path)
         self.log_level = log_level
@@ -198,6 +227,9 @@ class AgentHost:
         self._conn: multiprocessing.connection.Connection | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._lock = threading.Lock()
+        self._on_reboot = on_reboot
+        self._events: multiprocessing.connection.Connection | None = None
+        self._reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int | None:
@@ -210,11 +242,35 @@ class AgentHost:
     def launch(self) -> None:
         """Start the process (returns at once; the first command waits for it to be ready)."""
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=host_main, args=(child, str(self.log_path), self.log_level),
+        events_in, events_out = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=host_main,
+                                 args=(child, str(self.log_path), self.log_level, events_out),
                                  name=f"fleet-agents-{self.index}", daemon=True)
         proc.start()
         child.close()
-        self._conn, self._proc = parent, proc
+        events_out.close()
+        self._conn, self._proc, self._events = parent, proc, events_in
+        self._reader = threading.Thread(target=self._read_events, args=(events_in,),
+                                        name=f"fleet-agents-{self.index}-events", daemon=True)
+        self._reader.start()
+
+    def _read_events(self, events: multiprocessing.connection.Connection) -> None:
+        """The host's requests (``("reboot", id, reason)``), until its pipe closes."""
+        log = logging.getLogger("firmware_sim.fleet")
+        while True:
+            try:
+                message = events.recv()
+            except (EOFError, OSError):
+                return
+            if (isinstance(message, tuple) and len(message) == 3 and message[0] == "reboot"
+                    and all(isinstance(m, str) for m in message)):
+                if self._on_reboot is not None:
+                    self._on_reboot(message[1], message[2])
+                else:
+                    log.warning("agent host %d: reboot of %s requested, nobody to run it", self.index,
+                                message[1])
+            else:
+                log.warning("agent host %d sent an unknown event", self.index)
 
     def call(self, command: str, arg: Any = None, *, timeout: float = REPLY_TIMEOUT) -> Any:
         """Send one command and return its reply; :class:`ProcessError` on failure or timeout."""
@@ -261,14 +317,21 @@ class AgentHost:
             proc.join(5)
         if conn is not None:
             conn.close()
-        self._proc, self._conn = None, None
+        if self._reader is not None:
+            self._reader.join(5)  # the host's end closed with the process: the reader sees EOF
+        if self._events is not None:
+            self._events.close()
+        self._proc, self._conn, self._events, self._reader = None, None, None, None
         with contextlib.suppress(ValueError):
             proc.close()
 
 
-def launch_hosts(count: int, log_dir: Path, log_level: str) -> list[AgentHost]:
-    """Start ``count`` hosts with SIGINT ignored while they spawn (see the module docstring)."""
-    hosts = [AgentHost(i, log_dir / f"agents-{i}.log", log_level) for i in range(count)]
+def launch_hosts(count: int, log_dir: Path, log_level: str, *,
+                 on_reboot: RebootSink | None = None) -> list[AgentHost]:
+    """Start ``count`` hosts with SIGINT ignored while they spawn (see the module docstring);
+    ``on_reboot(device_id, reason)`` receives their agents' reboot requests."""
+    hosts = [AgentHost(i, log_dir / f"agents-{i}.log", log_level, on_reboot=on_reboot)
+             for i in range(count)]
     previous = None
     if threading.current_thread() is threading.main_thread():
         # A spawned interpreter that starts with SIGINT ignored installs no KeyboardInterrupt

@@ -272,8 +272,9 @@ def agent_class_config(device_class: str, revision: str) -> bytes:
     ).encode()
 
 
-def _tamper(component: str, genuine: bytes, variant: str) -> bytes:
-    """Apply the attacker's modification ``variant`` to a genuine image (signature block kept)."""
+def tamper_image(component: str, genuine: bytes, variant: str) -> bytes:
+    """Apply the attacker's modification ``variant`` to an image of ``component`` (signature block
+    kept).  Used for the tampered variants, and by a simulated device that boots a patched image."""
     if component == AGENT_CONFIG:
         # An attacker loosening the class policy: e.g. enabling the debug shell.
         patched = genuine.replace(b"debug_shell = false", b"debug_shell = true ")
@@ -291,7 +292,7 @@ def generate_image(spec: ImageSpec) -> bytes:
         genuine = agent_class_config(device_class, revision)
     else:
         genuine = _binary_image(spec.component, spec.version)
-    return genuine if not spec.variant else _tamper(spec.component, genuine, spec.variant)
+    return genuine if not spec.variant else tamper_image(spec.component, genuine, spec.variant)
 
 
 # --- parsing and verification ----------------------------------------------------------------------

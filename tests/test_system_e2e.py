@@ -8,7 +8,8 @@ the system heals without an administrator:
 * a golden device becomes trusted, the tampered one untrusted with reasons naming the PCR and event;
 * the server is killed with SIGKILL and restarted: re-attestation resumes from the schedule in the
   database (agents stay connected to the broker and send no request of their own);
-* a device is power-cycled: it is trusted again, never untrusted on the way;
+* a device is power-cycled: it is trusted again, never untrusted on the way (also when its agent
+  asks for the reboot: the harness's power cycler runs it);
 * the broker restarts: agents *and* server workers reconnect and attestations continue.
 
 Waiting is always for an event with a generous timeout, never a timed assertion.
@@ -160,6 +161,31 @@ def test_power_cycled_device_is_trusted_again_without_admin_action(fleet: FleetH
                  "WHERE device_id = :d AND reset_count IS NOT NULL"), {"d": device_id}).all()]
     assert len(reset_counts) >= 2, reset_counts
     assert "untrusted" not in _state_history(fleet, device_id, since)
+
+
+def test_a_reboot_an_agent_requests_runs_on_the_harness_side(fleet: FleetHarness) -> None:
+    """What an agent's Rebooter does (from one of the agent's threads): the harness power-cycles the
+    device and restarts its agent, which attests again on the same identity."""
+    import threading
+
+    device_id = GOLDEN[1]
+    assert fleet.power is not None
+    done = len(fleet.power.cycles(device_id))
+    before = _counts(fleet)[device_id]
+    caller = threading.Thread(target=fleet.power.rebooter(device_id).reboot, args=("test: reboot requested",))
+    caller.start()
+    caller.join()  # returns at once: the cycle runs on the cycler's thread
+    assert fleet.power.wait_for(device_id, done + 1, WAIT)
+    record = fleet.power.cycles(device_id)[-1]
+    assert (record.reason, record.error) == ("test: reboot requested", None)
+    assert fleet.devices[device_id].sim.booted_slot == "a"
+
+    def trusted_again() -> bool:
+        status = fleet.agent_status()[device_id]
+        return status.trusted and _counts(fleet)[device_id] > before
+
+    fleet.wait_for(trusted_again, f"{device_id} trusted after the requested reboot", WAIT)
+    assert fleet.agent_status()[device_id].counters.get("enroll_requests_sent", 0) == 0
 
 
 def test_broker_restart_reconnects_agents_and_server_workers(fleet: FleetHarness) -> None:

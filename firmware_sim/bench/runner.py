@@ -22,6 +22,7 @@ from typing import Any
 MODULES: tuple[str, ...] = (
     "quote_bench",
     "eventlog_bench",
+    "release_bench",
     "appraisal_bench",
     "tpm_bench",
     "model_bench",

@@ -81,6 +81,13 @@ Layout (every key optional unless marked; defaults shown)::
     [alerts]
     business_hours = "08:00-18:00"        # UTC; optional (no off-hours rule without it)
     block_off_hours = false               # also refuse key releases and downloads off hours
+
+    [updates]                             # the TUF update repository (docs/updates.md)
+    dir = "updates"                       # metadata/, targets/, keys/ (0700), pending/
+    root_expiry = 31536000.0              # seconds each new version of a role is valid
+    targets_expiry = 31536000.0           # targets and the delegated roles firmware, models
+    snapshot_expiry = 604800.0            # online key; `run` renews it when half is left
+    timestamp_expiry = 86400.0            # online key; `run` renews it when half is left
 """
 
 from __future__ import annotations
@@ -120,6 +127,7 @@ SERVER_KEY = f"{PKI_DIR}/fleet-server.key"
 SIGNING_KEY = f"{KEYS_DIR}/result-signing.key"
 SIGNING_PUBLIC = f"{KEYS_DIR}/result-signing.pub.pem"
 TRUST_BUNDLE = f"{TRUST_DIR}/tpm-manufacturers.pem"
+UPDATES_DIR = "updates"
 MODELS_DIR = "models"
 MODEL_SIGNING_KEY = f"{KEYS_DIR}/model-signing.key"
 MODEL_SIGNING_PUBLIC = f"{KEYS_DIR}/model-signing.pub.pem"
@@ -293,6 +301,19 @@ class AlertSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateSettings:
+    """The TUF update repository (:mod:`fleet_server.updates`): its folder and how long each new
+    version of a role is valid (seconds). ``fleet-server run`` re-signs snapshot and timestamp (online
+    keys) when less than half of their validity is left; the offline roles are re-signed by hand."""
+
+    dir: Path = Path(UPDATES_DIR)
+    root_expiry: float = 365 * 86400.0
+    targets_expiry: float = 365 * 86400.0
+    snapshot_expiry: float = 7 * 86400.0
+    timestamp_expiry: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The whole configuration; paths are absolute after :func:`load_config`."""
 
@@ -322,6 +343,7 @@ class ServerConfig:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    updates: UpdateSettings = field(default_factory=UpdateSettings)
     source: Path | None = None
     """The file this configuration was read from (for messages)."""
 
@@ -480,6 +502,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     console = _console(root.table("console"))
     models = _models(root.table("models"), data_dir, attestation)
     alerts = _alerts(root.table("alerts"))
+    updates = _updates(root.table("updates"), data_dir)
     root.done()
     return ServerConfig(data_dir=data_dir, database_url=database_url, workers=workers, log_level=log_level,
                         log_file=log_file, signing_key=signing_key, fleet_ca_cert=fleet_ca_cert,
@@ -488,7 +511,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
                         batch_size=batch_size,
                         batch_linger=batch_linger, cache_devices=cache_devices,
                         mqtt=mqtt, attestation=attestation, retention=retention, console=console,
-                        models=models, alerts=alerts, source=source)
+                        models=models, alerts=alerts, updates=updates, source=source)
 
 
 def _models(mt: _Table, data_dir: Path, attestation: AttestationSettings) -> ModelSettings:
@@ -506,6 +529,21 @@ def _models(mt: _Table, data_dir: Path, attestation: AttestationSettings) -> Mod
         offline_grace=mt.number("offline_grace", 0.0, lo=0.0, hi=365 * 86400.0),
     )
     mt.done()
+    return settings
+
+
+def _updates(ut: _Table, data_dir: Path) -> UpdateSettings:
+    year = 366 * 86400.0
+    settings = UpdateSettings(
+        dir=ut.path("dir", Path(UPDATES_DIR), data_dir),
+        root_expiry=ut.number("root_expiry", 365 * 86400.0, lo=60.0, hi=10 * year),
+        targets_expiry=ut.number("targets_expiry", 365 * 86400.0, lo=60.0, hi=10 * year),
+        snapshot_expiry=ut.number("snapshot_expiry", 7 * 86400.0, lo=1.0, hi=year),
+        timestamp_expiry=ut.number("timestamp_expiry", 86400.0, lo=1.0, hi=year),
+    )
+    ut.done()
+    if settings.timestamp_expiry > settings.snapshot_expiry:
+        raise ConfigError("updates.timestamp_expiry: must not be longer than updates.snapshot_expiry")
     return settings
 
 

@@ -70,6 +70,9 @@ class KeyDir:
         return self.root / role
 
     def save(self, role: str, signer: CryptoSigner) -> Path:
+        for folder in (self.root, self.role_dir(role)):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
         path = self.role_dir(role) / f"{signer.public_key.keyid}{KEY_SUFFIX}"
         write_private(path, signer.private_bytes)
         return path

@@ -684,6 +684,11 @@ def render_config(*, data_dir: Path, mqtt_host: str, mqtt_port: int, database_ur
         '# business_hours = "08:00-18:00"   # UTC: key releases and downloads outside raise alerts',
         "block_off_hours = false",
         "",
+        "[updates]  # the TUF update repository (`fleet-server updates init`; docs/updates.md)",
+        f'dir = "{UPDATES_DIR}"',
+        "timestamp_expiry = 86400.0  # online key: `run` re-signs when half is left",
+        "snapshot_expiry = 604800.0",
+        "",
     ]
     return "\n".join(lines)
 

@@ -174,7 +174,8 @@ def test_a_version_signed_by_too_few_keys_is_not_published(served: Served) -> No
     info = served.repo.add_target("firmware", FIRMWARE_PATH, FIRMWARE, {})
     assert not info.published
     status = {r.role: r for r in served.repo.status()}["firmware"]
-    assert (status.version, status.pending_version, status.pending_signatures, status.threshold) == (1, 2, 1, 2)
+    assert (status.version, status.pending_version, status.pending_signatures,
+            status.threshold) == (1, 2, 1, 2)
     client = served.client()
     client.refresh()
     assert client.get_targetinfo(FIRMWARE_PATH) is None
@@ -215,7 +216,8 @@ def _cli(config: ServerConfig, *argv: str) -> int:
     return main([*argv, "--config", str(config.source)])
 
 
-def test_offline_signing_round_trip_through_the_cli(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+def test_offline_signing_round_trip_through_the_cli(served: Served,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     offline = _offline(served.repo, "firmware", 1, served.tmp / "offline")
     served.repo.add_target("firmware", FIRMWARE_PATH, FIRMWARE, {"version": "1.3.0"})
     exported = served.tmp / "firmware.v2.json"

@@ -353,7 +353,8 @@ def test_the_http_routes_refuse_anything_but_published_files(served: Served) -> 
     served.repo.add_target("firmware", FIRMWARE_PATH, FIRMWARE, {})  # pending: not served
     keyfile = sorted(served.repo.keys.role_dir("timestamp").glob("*.pem"))[0]
     os.symlink(keyfile, served.repo.targets_dir / "firmware" / "leak.pem")
-    for path in [*BAD_PATHS, "/updates/targets/firmware/leak.pem",
+    os.symlink(served.repo.keys.role_dir("timestamp"), served.repo.targets_dir / "keydir")
+    for path in [*BAD_PATHS, "/updates/targets/firmware/leak.pem", f"/updates/targets/keydir/{keyfile.name}",
                  f"/updates/targets/firmware/{keyfile.name}", "/updates/metadata/2.firmware.json"]:
         status, headers, body = served.get(path)
         if status == 308:  # werkzeug merges "//": followed once, it stays refused

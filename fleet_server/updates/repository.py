@@ -434,11 +434,12 @@ class UpdateRepository(Repository):
         if kind == "metadata":
             if len(parts) != 1 or not METADATA_NAME_RE.fullmatch(rest):
                 return None
-            file = self.metadata_dir / rest
+            base, file = self.metadata_dir, self.metadata_dir / rest
         else:
-            file = self.targets_dir.joinpath(*parts)
+            base, file = self.targets_dir, self.targets_dir.joinpath(*parts)
         try:
-            if file.is_symlink() or not file.resolve().is_relative_to(self.folder.resolve()):
+            # No symlink anywhere below the served folder may lead elsewhere (e.g. into keys/).
+            if file.is_symlink() or not file.resolve().is_relative_to(base.resolve()):
                 return None
             return file.read_bytes()
         except OSError:  # missing, a folder, unreadable: not served

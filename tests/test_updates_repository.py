@@ -401,6 +401,8 @@ def test_bad_roles_and_paths_are_one_line_errors(served: Served) -> None:
         served.repo.add_target("firmware", "models/x/1.0.0.pkg", b"", {})
     with pytest.raises(UpdatesError, match="not allowed"):
         served.repo.add_target("firmware", "firmware/../x", b"", {})
+    with pytest.raises(UpdatesError, match="longer than 63"):
+        served.repo.add_target("firmware", "firmware/" + "a" * 64, b"", {})
     with pytest.raises(UpdatesError, match="no version waiting"):
         served.repo.export("firmware")
     with pytest.raises(UpdatesError, match="already exists"):
@@ -417,3 +419,20 @@ def test_remove_target(served: Served) -> None:
     client = served.client()
     client.refresh()
     assert client.get_targetinfo(FIRMWARE_PATH) is None
+
+
+def test_model_publish_adds_the_package_as_a_models_target(served: Served,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    onnx = served.tmp / "m.onnx"
+    onnx.write_bytes(small_classifier())
+    assert _cli(served.config, "model", "publish", str(onnx), "--name", "classifier",
+                "--version", "2.0.0") == 0
+    capsys.readouterr()
+    [target] = served.repo.list_targets("models")
+    package = (served.config.models.store_dir / "classifier" / "2.0.0.pkg").read_bytes()
+    assert target.path == "models/classifier/2.0.0.pkg" and target.published
+    assert target.custom["version"] == "2.0.0" and target.length == len(package)
+    client = served.client()
+    client.refresh()
+    info = client.get_targetinfo(target.path)
+    assert info is not None and Path(client.download_target(info)).read_bytes() == package

@@ -193,8 +193,6 @@ class UpdateRepository(Repository):
                 with repo.edit_targets(role):
                     pass
             repo._publish_ready()
-            if repo._published_version(TIMESTAMP) == 0:
-                raise UpdatesError("the new repository's metadata did not verify")  # cannot happen
         return repo
 
     def _new_key(self, role: str) -> Key:
@@ -624,6 +622,9 @@ def _check_target(role: str, path: str) -> None:
     if not isinstance(path, str) or not TARGET_PATH_RE.fullmatch(path) or not path.startswith(f"{role}/"):
         raise UpdatesError(f"target path {str(path)[:120]!r} is not allowed: lowercase letters, digits, "
                            f"'.', '_' and '-' in at most four segments, under {role}/")
+    if len(path.rpartition("/")[2]) > 63:
+        # Served as "<sha256>.<name>", one segment of at most 128 characters (TUF_PATH_RE).
+        raise UpdatesError(f"target path {path[:120]!r}: its last segment is longer than 63 characters")
 
 
 def _signatures_of(data: bytes, pending: Metadata[Any]) -> list[Signature]:

@@ -85,6 +85,13 @@ Layout (every key optional unless marked; defaults shown)::
     [alerts]
     business_hours = "08:00-18:00"        # UTC; optional (no off-hours rule without it)
     block_off_hours = false               # also refuse key releases and downloads off hours
+
+    [updates]                             # the TUF update repository (docs/updates.md)
+    dir = "updates"                       # metadata/, targets/, keys/ (0700), pending/
+    root_expiry = 31536000.0              # seconds each new version of a role is valid
+    targets_expiry = 31536000.0           # targets and the delegated roles firmware, models
+    snapshot_expiry = 604800.0            # online key; `run` renews it when half is left
+    timestamp_expiry = 86400.0            # online key; `run` renews it when half is left
 """
 
 from __future__ import annotations
@@ -124,6 +131,7 @@ SERVER_KEY = f"{PKI_DIR}/fleet-server.key"
 SIGNING_KEY = f"{KEYS_DIR}/result-signing.key"
 SIGNING_PUBLIC = f"{KEYS_DIR}/result-signing.pub.pem"
 TRUST_BUNDLE = f"{TRUST_DIR}/tpm-manufacturers.pem"
+UPDATES_DIR = "updates"
 MODELS_DIR = "models"
 MODEL_SIGNING_KEY = f"{KEYS_DIR}/model-signing.key"
 MODEL_SIGNING_PUBLIC = f"{KEYS_DIR}/model-signing.pub.pem"
@@ -309,6 +317,19 @@ class AlertSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateSettings:
+    """The TUF update repository (:mod:`fleet_server.updates`): its folder and how long each new
+    version of a role is valid (seconds). ``fleet-server run`` re-signs snapshot and timestamp (online
+    keys) when less than half of their validity is left; the offline roles are re-signed by hand."""
+
+    dir: Path = Path(UPDATES_DIR)
+    root_expiry: float = 365 * 86400.0
+    targets_expiry: float = 365 * 86400.0
+    snapshot_expiry: float = 7 * 86400.0
+    timestamp_expiry: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The whole configuration; paths are absolute after :func:`load_config`."""
 
@@ -339,6 +360,7 @@ class ServerConfig:
     models: ModelSettings = field(default_factory=ModelSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    updates: UpdateSettings = field(default_factory=UpdateSettings)
     source: Path | None = None
     """The file this configuration was read from (for messages)."""
 
@@ -503,6 +525,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         checkpoint_interval=au.integer("checkpoint_interval", 100, lo=1, hi=1_000_000),
     )
     au.done()
+    updates = _updates(root.table("updates"), data_dir)
     root.done()
     return ServerConfig(data_dir=data_dir, database_url=database_url, workers=workers, log_level=log_level,
                         log_file=log_file, signing_key=signing_key, fleet_ca_cert=fleet_ca_cert,
@@ -511,7 +534,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
                         batch_size=batch_size,
                         batch_linger=batch_linger, cache_devices=cache_devices,
                         mqtt=mqtt, attestation=attestation, retention=retention, console=console,
-                        models=models, alerts=alerts, audit=audit, source=source)
+                        models=models, alerts=alerts, audit=audit, updates=updates, source=source)
 
 
 def _models(mt: _Table, data_dir: Path, attestation: AttestationSettings) -> ModelSettings:
@@ -529,6 +552,21 @@ def _models(mt: _Table, data_dir: Path, attestation: AttestationSettings) -> Mod
         offline_grace=mt.number("offline_grace", 0.0, lo=0.0, hi=365 * 86400.0),
     )
     mt.done()
+    return settings
+
+
+def _updates(ut: _Table, data_dir: Path) -> UpdateSettings:
+    year = 366 * 86400.0
+    settings = UpdateSettings(
+        dir=ut.path("dir", Path(UPDATES_DIR), data_dir),
+        root_expiry=ut.number("root_expiry", 365 * 86400.0, lo=60.0, hi=10 * year),
+        targets_expiry=ut.number("targets_expiry", 365 * 86400.0, lo=60.0, hi=10 * year),
+        snapshot_expiry=ut.number("snapshot_expiry", 7 * 86400.0, lo=1.0, hi=year),
+        timestamp_expiry=ut.number("timestamp_expiry", 86400.0, lo=1.0, hi=year),
+    )
+    ut.done()
+    if settings.timestamp_expiry > settings.snapshot_expiry:
+        raise ConfigError("updates.timestamp_expiry: must not be longer than updates.snapshot_expiry")
     return settings
 
 
@@ -672,6 +710,11 @@ def render_config(*, data_dir: Path, mqtt_host: str, mqtt_port: int, database_ur
         "[alerts]",
         '# business_hours = "08:00-18:00"   # UTC: key releases and downloads outside raise alerts',
         "block_off_hours = false",
+        "",
+        "[updates]  # the TUF update repository (`fleet-server updates init`; docs/updates.md)",
+        f'dir = "{UPDATES_DIR}"',
+        "timestamp_expiry = 86400.0  # online key: `run` re-signs when half is left",
+        "snapshot_expiry = 604800.0",
         "",
     ]
     return "\n".join(lines)

@@ -49,6 +49,8 @@ NOT_ADMIN_ACTIONS: dict[Command, str] = {
     ("token", "list"): "read-only",
     ("audit", "list"): "read-only",
     ("audit", "verify"): "read-only",
+    ("updates", "status"): "read-only",
+    ("updates", "root"): "writes the public root metadata to a file",
 }
 
 
@@ -83,6 +85,33 @@ def _onnx(env: Env) -> str:
     path = env.tmp / "m.onnx"
     path.write_bytes(small_classifier())
     return str(path)
+
+
+def _models_pending(env: Env, path: str) -> list[Path]:
+    """A pending version of the update repository's ``models`` role, its local keys below the
+    threshold (the others moved "offline"); returns the offline key files."""
+    import time
+
+    from fleet_server.updates.repository import open_update_repository
+
+    repo = open_update_repository(load_config(Path(env.config)), clock=time.time)
+    offline = env.tmp / "offline-models"
+    if not offline.exists():
+        offline.mkdir()
+        for key in sorted(repo.keys.role_dir("models").glob("*.pem"))[1:]:
+            key.rename(offline / key.name)
+    repo.add_target("models", path, b"package", {})
+    return sorted(offline.glob("*.pem"))
+
+
+def _signed_elsewhere(env: Env) -> str:
+    from fleet_server.updates.repository import open_update_repository, sign_exported
+
+    key = _models_pending(env, "models/m/2.0.0.pkg")[1]
+    repo = open_update_repository(load_config(Path(env.config)), clock=lambda: 0.0)
+    out = env.tmp / "models.signed.json"
+    out.write_bytes(sign_exported(repo.export("models"), key)[1])
+    return str(out)
 
 
 def _c(env: Env) -> list[str]:
@@ -147,6 +176,16 @@ AUDITED: dict[Command, Case] = {
                               _fixed("token:ci")),
     ("audit", "checkpoint"): Case(lambda env: ["audit", "checkpoint", *_c(env)], "audit.checkpoint",
                                   _fixed("audit")),
+    ("updates", "init"): Case(lambda env: ["updates", "init", *_c(env)], "updates.init",
+                              lambda env: f"updates:{env.data_dir.resolve() / 'updates'}"),
+    ("updates", "rotate"): Case(lambda env: ["updates", "rotate", "timestamp", *_c(env)], "updates.rotate",
+                                _fixed("tuf-role:timestamp")),
+    ("updates", "sign"): Case(
+        lambda env: ["updates", "sign", "models", "--key", str(_models_pending(env, "models/m/1.0.0.pkg")[0]),
+                     *_c(env)], "updates.sign", _fixed("tuf-role:models")),
+    ("updates", "add-signature"): Case(
+        lambda env: ["updates", "add-signature", "models", _signed_elsewhere(env), *_c(env)],
+        "updates.add_signature", _fixed("tuf-role:models")),
 }
 
 

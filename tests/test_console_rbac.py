@@ -56,6 +56,8 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
 CONSOLE_ROUTES: dict[str, Declared] = {
     "static": PUBLIC,
     "healthz": PUBLIC,
+    "updates.metadata": PUBLIC,  # the TUF repository: signed files, read-only
+    "updates.target": PUBLIC,
     "auth.login": PUBLIC,
     "auth.login_post": PUBLIC,
     "auth.logout": AUTHENTICATED,

@@ -299,6 +299,9 @@ def test_errors_are_one_line_and_usage_exits_2(
     ("server", "workers", 0, "server.workers: must be between 1 and 256"),
     ("server", "log_level", "loud", "server.log_level: must be one of"),
     ("server", "database_url", "fleet.db", "server.database_url"),
+    ("updates", "timestamp_expiry", 0, "updates.timestamp_expiry: must be >= 1"),
+    ("updates", "timestamp_expiry", 900000.0, "updates.timestamp_expiry: must not be longer than "
+                                              "updates.snapshot_expiry"),
 ])
 def test_config_errors_name_the_key(
         tmp_path: Path, table: str, key: str, value: object, message: str) -> None:

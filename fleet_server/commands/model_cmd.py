@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from fleet_server.service.cliutil import (
 )
 from fleet_server.storage.model_repo import VersionRecord
 from fleet_server.storage.repo import Repository
+from fleet_server.updates.repository import initialised_update_repository
 from protocol.errors import ConfigError
 from protocol.messages import ModelPolicy
 
@@ -136,7 +138,8 @@ def _publish(args: argparse.Namespace) -> int:
         published = publish_model(repo, model=model, name=args.name, version=args.version,
                                   signing_key=signing_key, kek=kek,
                                   store=PackageStore(config.models.store_dir), now=now_ms(), policy=policy,
-                                  chunk_size=args.chunk_size, actor=cli_actor())
+                                  chunk_size=args.chunk_size, actor=cli_actor(),
+                                  targets=initialised_update_repository(config, clock=time.time))
         record_cli(repo.engine, "model.publish", f"model:{published.name}",
                    {"version": published.version, "package_id": published.package_id,
                     "package_sha256": published.package_sha256.hex(), "package_size": published.package_size,

@@ -24,6 +24,7 @@ from fleet_server.console import (
     models,
     policies,
     security,
+    updates,
     users,
 )
 from fleet_server.console.accounts import Accounts
@@ -153,6 +154,7 @@ def build_app(config: ServerConfig | str | Path | None = None, *, clock: Callabl
     app.register_blueprint(auditlog.bp, url_prefix="/audit")
     app.register_blueprint(api.bp, url_prefix=api.PREFIX)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(updates.bp, url_prefix="/updates")
 
     static_view = app.view_functions["static"]
 

@@ -61,6 +61,7 @@ from fleet_server.storage import models as tables
 from fleet_server.storage.model_repo import LeaseRecord, LoadRecord, VersionRecord
 from fleet_server.storage.model_tables import EntitlementKind, LeaseState
 from fleet_server.storage.repo import Repository, Tx
+from fleet_server.updates.repository import UpdatesError, initialised_update_repository
 from protocol import topics
 from protocol.encoding import JsonValue
 from protocol.errors import ConfigError, EdgeError, MalformedInputError
@@ -230,12 +231,17 @@ def publish_upload(config: ServerConfig, repo: Repository, audit: AuditLog, *, n
                                "key is not available (see the server log)", 503) from None
     try:
         return publish_model(repo, model=model, name=name, version=version, signing_key=signing_key, kek=kek,
-                             store=PackageStore(config.models.store_dir), now=now, actor=actor, policy=policy)
+                             store=PackageStore(config.models.store_dir), now=now, actor=actor, policy=policy,
+                             targets=initialised_update_repository(config, clock=lambda: now / 1000))
     except MalformedInputError as exc:  # not a valid ONNX model, or an unsupported io signature
         raise ModelActionError(f"not a publishable ONNX model: {exc.diagnostics()}") from None
     except ConfigError as exc:  # onnx is not installed on this server
         log.error("event=model_publish_unavailable error=%s", exc.diagnostics())
         raise ModelActionError("this server cannot check ONNX models (see the server log)", 503) from None
+    except UpdatesError as exc:  # published, but the update repository refused the target
+        log.error("event=model_target_failed error=%s", exc.diagnostics())
+        raise ModelActionError("the model was published but not added to the update repository "
+                               "(see the server log)", 503) from None
     except PublishError as exc:
         newest = repo.models.newest(name)
         if newest is not None and compare_versions(version, newest.version) <= 0:  # published meanwhile

@@ -29,11 +29,12 @@ from fleet_server.modelstore.onnxio import inspect_onnx
 from fleet_server.modelstore.policy import policy_from_text, policy_json
 from fleet_server.storage.model_repo import NewVersion
 from fleet_server.storage.repo import Repository
+from fleet_server.updates.targets import MODELS_ROLE, TargetStore
 from protocol.errors import ConfigError, EdgeError, MalformedInputError, StorageError
 from protocol.messages import MODEL_NAME_RE, VERSION_RE, ModelPolicy
 from protocol.modelpkg import IoSignature, build_package, compare_versions, read_manifest
 
-__all__ = ["PackageStore", "PublishError", "Published", "publish_model"]
+__all__ = ["PackageStore", "PublishError", "Published", "model_target_path", "publish_model"]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -118,11 +119,13 @@ class Published:
 
 def publish_model(repo: Repository, *, model: bytes, name: str, version: str, signing_key: ModelSigningKey,
                   kek: Kek, store: PackageStore, now: int, actor: str = "admin",
-                  policy: ModelPolicy | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Published:
+                  policy: ModelPolicy | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  targets: TargetStore | None = None) -> Published:
     """Publish ``model`` (ONNX bytes) as ``name`` ``version``; see the module docstring.
 
     ``policy``: the version's usage policy; by default the newest published version's, else the
-    defaults.
+    defaults.  ``targets``: the update repository (when it is initialised): the package also becomes
+    the target ``models/<name>/<version>.pkg`` of the ``models`` role (:func:`model_target_path`).
     """
     check_name(name)
     check_version(version)
@@ -159,10 +162,20 @@ def publish_model(repo: Repository, *, model: bytes, name: str, version: str, si
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+    if targets is not None:
+        # The package is ciphertext: devices fetch it through the verified TUF channel; its data key
+        # is still released only by the key broker.
+        targets.add_target(MODELS_ROLE, model_target_path(name, version), package,
+                           {"name": name, "version": version, "package_sha256": package_sha256.hex()})
     return Published(name=name, version=version, path=path, package_id=manifest.package_id.hex(),
                      package_size=len(package), package_sha256=package_sha256,
                      plaintext_size=manifest.plaintext_size, io_signature=io_signature, policy=chosen,
                      signing_key_id=signing_key.kid, kek_id=sealed.kek_id)
+
+
+def model_target_path(name: str, version: str) -> str:
+    """The TUF target path of a model package: ``models/<name>/<version>.pkg``."""
+    return f"{MODELS_ROLE}/{PackageStore.relative_path(name, version)}"
 
 
 def _require_newer(name: str, version: str, newest: str | None) -> None:

@@ -51,6 +51,7 @@ from fleet_server.service.scheduler import Scheduler
 from fleet_server.service.tuf_files import RepositoryFiles
 from fleet_server.storage.db import create_engine, describe_url
 from fleet_server.storage.repo import Repository
+from fleet_server.updates.renewer import UpdateRenewer
 from protocol import topics
 from protocol.errors import EdgeError
 from protocol.mqtt import MqttClient, TlsFiles
@@ -375,10 +376,13 @@ def run_workers(config_path: Path, config: ServerConfig, *, workers: int | None 
     # One CRL renewer per `run` (in this process, not in each worker).
     repo = Repository(create_engine(config.database_url))
     renewer = CrlRenewer(repo, config).start()
+    # Likewise one renewer of the update repository's snapshot and timestamp (online keys).
+    tuf_renewer = UpdateRenewer(config).start()
     try:
         if count <= 1:
             return Worker(config).run_forever(stop=stop)
         return _Supervisor(config_path, count, stop).run()
     finally:
+        tuf_renewer.stop()
         renewer.stop()
         repo.dispose()

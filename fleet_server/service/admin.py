@@ -14,7 +14,7 @@ State rules (docs/attestation-service.md, "States"):
 * ``unquarantine``: ``quarantined`` -> ``enrolled`` only (the same re-admission as ``approve``, for an
   admin who means to lift a quarantine and nothing else);
 * ``revoke``: any state -> ``revoked`` (open challenges superseded, schedule cleared);
-* ``quarantine``: an attested state -> ``quarantined`` (attested, never trusted, until approved).
+* ``quarantine``: an attested state -> ``quarantined`` (attested, never trusted, until lifted).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def revoke_device(repo: Repository, device_id: str, *, signer: ResultSigner, now
 
 def quarantine_device(repo: Repository, device_id: str, *, signer: ResultSigner, now: int, reason: str = "",
                       actor: str = "admin") -> StateTransition:
-    """Hold an attested device: still challenged and appraised, never trusted, until approved."""
+    """Hold an attested device: still challenged and appraised, never trusted, until lifted."""
     text = reason.strip() or f"quarantined by {actor}"
     with repo.write("quarantining a device") as tx:
         state, _, _, _ = _device(tx, device_id)

@@ -21,6 +21,7 @@ from firmware_sim.device import SimulatedDevice
 from firmware_sim.manufacturer import ManufacturerCA
 from firmware_sim.testmodel import relu_model, small_classifier
 from fleet_server.cli import main as cli
+from fleet_server.service.processor import QUARANTINE_REASON
 from fleet_server.service.worker import Worker
 
 pytest.register_assert_rewrite("mqtt_fixtures", "agent_fixtures")
@@ -245,5 +246,64 @@ def test_a_model_onnxruntime_refuses_is_reported_to_the_server_with_the_runtimes
         assert stored.onnxruntime == ONNXRUNTIME_VERSION
         runtime = repo.models.runtime(DEVICE)
         assert runtime is not None and runtime[0] == ONNXRUNTIME_VERSION
+    finally:
+        device.shutdown()
+
+
+def test_a_quarantined_device_gets_no_model_key_after_a_restart_until_the_quarantine_is_lifted(
+        tmp_path: Path, data_dir: Path, broker: MosquittoBroker, worker: Worker,
+        manufacturer_ca: ManufacturerCA, make_agent: AgentFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 9: a quarantine holds across an agent restart (reconnect, a new attestation with good
+    evidence): no trusted verdict, no data key; ``device unquarantine`` brings both back. (Re-enrolling
+    with a new AK is covered in test_agent_fleet_server.py: the vault's state is signed by the AK, so
+    a device with a new AK cannot reuse its old vault.)"""
+    config = str(data_dir / "server.toml")
+    device = SimulatedDevice.create(tmp_path / "device", ca=manufacturer_ca)
+    try:
+        device.boot()
+        assert cli(["policy", "from-eventlog", str(device.eventlog_path), "--name", "edge-camera-1.2.0",
+                    "--device-class", "edge-camera", "--config", config]) == 0
+        model_file = tmp_path / "classifier.onnx"
+        model_file.write_bytes(small_classifier(seed=7))
+        assert cli(["model", "publish", str(model_file), "--name", "classifier", "--version", "1.0.0",
+                    "--deploy", "--config", config]) == 0
+        assert cli(["model", "entitle", "classifier", "--device-class", "edge-camera",
+                    "--config", config]) == 0
+        assert cli(["device", "preregister", "--config", config,
+                    str(_ek_cert_file(tmp_path, device))]) == 0
+        claim = tmp_path / "provisioning"
+        assert cli(["claim", "issue", DEVICE, "--out", str(claim), "--config", config]) == 0
+        capsys.readouterr()
+        agent_toml = _agent_config(tmp_path / "agent", device, claim, broker)
+
+        def serving_without(lease_ids: set[str]) -> Any:
+            def check(s: Any) -> bool:
+                m = s.models.get("models", {}).get("classifier") or {}
+                return bool(m.get("serving_version") == "1.0.0" and not m.get("locked")
+                            and m.get("lease_id") not in lease_ids)
+            return check
+
+        first: Agent = make_agent(agent_toml)
+        wait_status(first, serving_without(set()), "the model unlocked")
+        first_lease = first.status().models["models"]["classifier"]["lease_id"]
+        assert cli(["device", "quarantine", DEVICE, "--reason", "investigation", "--config", config]) == 0
+        wait_status(first, lambda s: s.counters.get("revocations_received", 0) >= 1, "the quarantine notice")
+        assert first.status().models["models"]["classifier"]["locked"]
+        first.stop()
+
+        restarted: Agent = make_agent(agent_toml)
+        wait_status(restarted, lambda s: QUARANTINE_REASON in s.verdict_reasons,
+                    "the quarantined verdict on the good evidence of the restarted agent")
+        assert not restarted.status().trusted
+        assert _predict(restarted, TOKEN)[0] != 200  # no data key: nothing is served
+        leases = worker.repo.models.leases(device_id=DEVICE, name="classifier")
+        assert leases and all(x.state != "active" for x in leases), [(x.lease_id, x.state) for x in leases]
+
+        assert cli(["device", "unquarantine", DEVICE, "--config", config]) == 0
+        wait_status(restarted, serving_without({first_lease}), "a new key once the quarantine is lifted")
+        assert restarted.status().trusted
+        status, answer = _predict(restarted, TOKEN)
+        assert status == 200 and answer["model"] == "classifier"
     finally:
         device.shutdown()

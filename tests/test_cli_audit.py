@@ -140,6 +140,8 @@ AUDITED: dict[Command, Case] = {
                                 _fixed("device:cam-9")),
     ("device", "quarantine"): Case(lambda env: ["device", "quarantine", "cam-9", *_c(env)],
                                    "device.quarantine", _fixed("device:cam-9")),
+    ("device", "unquarantine"): Case(lambda env: ["device", "unquarantine", "cam-9", *_c(env)],
+                                     "device.unquarantine", _fixed("device:cam-9")),
     ("device", "revoke"): Case(lambda env: ["device", "revoke", "cam-9", "--reason", "lost", *_c(env)],
                                "device.revoke", _fixed("device:cam-9")),
     ("device", "crl"): Case(lambda env: ["device", "crl", "--out", str(env.tmp / "copy.crl.pem"), *_c(env)],

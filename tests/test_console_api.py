@@ -239,12 +239,16 @@ def test_device_actions_change_state_queue_messages_and_are_audited(
     quarantined = client.post(f"{API}/devices/{fleet.tampered}/quarantine", headers=sec)
     assert quarantined.get_json()["to_state"] == "quarantined"
     _error(client.post(f"{API}/devices/{fleet.trusted[1]}/quarantine", headers=sec), 409, "only attested")
+    lifted = client.post(f"{API}/devices/{fleet.tampered}/unquarantine", headers=sec)
+    assert lifted.get_json()["from_state"] == "quarantined" and lifted.get_json()["to_state"] == "enrolled"
+    _error(client.post(f"{API}/devices/{fleet.tampered}/unquarantine", headers=sec), 409, "not quarantined")
     reattest = client.post(f"{API}/devices/{fleet.trusted[0]}/reattest", headers=sec)
     assert reattest.get_json()["to_state"] == "trusted"
     assert svc.repo.device(fleet.trusted[0]).next_attestation_at == svc.now()  # type: ignore[union-attr]
     _error(client.post(f"{API}/devices/cam-9999/revoke", headers=sec), 404)
     actions = [e.action for e in svc.audit.entries(actor="token:sec-bot")]
-    assert actions == ["device.reattest", "device.quarantine", "device.revoke", "device.approve"]
+    assert actions == ["device.reattest", "device.unquarantine", "device.quarantine", "device.revoke",
+                       "device.approve"]
 
 
 # --------------------------------------------------------------------------------------------------

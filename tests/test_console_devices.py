@@ -321,6 +321,26 @@ def test_revoke_quarantine_reattest(client: FlaskClient, users: dict[str, int], 
     assert svc.repo.device("cam-1").state == "enrolled"  # type: ignore[union-attr]
 
 
+def test_lift_quarantine(client: FlaskClient, users: dict[str, int], svc: ConsoleServices) -> None:
+    SoftDevice("cam-1", svc.repo, now=svc.now())
+    csrf = login(client, "security")
+    assert b"/devices/cam-1/unquarantine" not in client.get("/devices/cam-1").data  # not quarantined
+    assert client.post("/devices/cam-1/quarantine", data={"csrf_token": csrf}).status_code == 303
+    page = client.get("/devices/cam-1").data
+    assert b"/devices/cam-1/unquarantine" in page and b"Lift quarantine" in page
+    response = client.post("/devices/cam-1/unquarantine", data={"csrf_token": csrf})
+    assert response.status_code == 303 and "done=unquarantine" in response.headers["Location"]
+    device = svc.repo.device("cam-1")
+    assert device is not None and device.state == "enrolled" and device.next_attestation_at is not None
+    entry = svc.audit.entries(limit=1, action="device.unquarantine")[0]
+    assert entry.target == "device:cam-1" and entry.details_dict()["from"] == "quarantined"
+    again = client.post("/devices/cam-1/unquarantine", data={"csrf_token": csrf})
+    assert again.status_code == 409 and b"not quarantined" in again.data
+    other = client.application.test_client()
+    csrf = login(other, "ml_engineer")  # no fleet right
+    assert other.post("/devices/cam-1/unquarantine", data={"csrf_token": csrf}).status_code == 403
+
+
 def test_actions_shown_by_right(client: FlaskClient, users: dict[str, int], svc: ConsoleServices) -> None:
     SoftDevice("cam-1", svc.repo, now=svc.now())
     login(client, "ml_engineer")

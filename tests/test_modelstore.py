@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from firmware_sim.testmodel import classifier_io_signature, small_classifier
 from fleet_server.cli import main
 from fleet_server.config import ServerConfig, load_config
+from fleet_server.console.audit import AuditLog, cli_actor
 from fleet_server.keys import create_model_signing_key, load_model_signing_key
 from fleet_server.modelstore.kek import (
     KEK_ENV,
@@ -35,6 +36,7 @@ from fleet_server.modelstore.kek import (
 from fleet_server.modelstore.onnxio import inspect_onnx
 from fleet_server.modelstore.policy import apply_settings, policy_from_mapping, policy_from_toml
 from fleet_server.modelstore.store import PackageStore, Published, PublishError, publish_model
+from fleet_server.storage.db import create_engine
 from fleet_server.storage.model_repo import VersionRecord
 from fleet_server.storage.repo import Repository
 from protocol.errors import ConfigError, MalformedInputError
@@ -328,6 +330,79 @@ def test_model_commands(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFi
     pub = serialization.load_pem_public_key((tmp_path / "prov" / "model-signing.pub.pem").read_bytes())
     manifest = read_manifest(package.read_bytes(), trusted_keys={key_id(pub): pub})  # type: ignore[arg-type,dict-item]
     assert manifest.version == "1.0.0"
+
+
+def _offered(config: str, device_id: str = "cam-1", device_class: str = "edge-camera") -> list[str]:
+    """The versions the server would offer a trusted device of that class now."""
+    engine = create_engine(load_config(Path(config)).database_url)
+    try:
+        with Repository(engine).write("reading offers") as tx:
+            offers = tx.models.offers([(device_id, device_class)])
+    finally:
+        engine.dispose()
+    return [f"{x.name} {x.version}" for x in offers.get(device_id, [])]
+
+
+def _deploy_entries(config: str) -> list[dict[str, object]]:
+    engine = create_engine(load_config(Path(config)).database_url)
+    try:
+        entries = AuditLog(engine).entries(action="model.deploy", limit=100)
+    finally:
+        engine.dispose()
+    assert all(e.target == "model:classifier" and e.actor == cli_actor() for e in entries)
+    return [e.details_dict() for e in reversed(entries)]  # oldest first
+
+
+def test_model_deploy_command(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Publishing is not deploying (issue 9): devices are offered a version after ``model deploy``."""
+    config = str(data_dir / "server.toml")
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(small_classifier())
+
+    def publish(version: str) -> None:
+        status, out, err = _run(capsys, "model", "publish", str(onnx_file), "--name", "classifier",
+                                "--version", version, "--config", config)
+        assert status == 0 and "not deployed" in out, err
+
+    def deployed() -> object:
+        status, out, _ = _run(capsys, "model", "list", "--json", "--config", config)
+        assert status == 0
+        return json.loads(out)[0]["deployed"]
+
+    publish("1.0.0")
+    assert _run(capsys, "model", "entitle", "classifier", "--device-class", "edge-camera",
+                "--config", config)[0] == 0
+    assert deployed() is None and _offered(config) == []  # published only: no device is offered it
+
+    status, out, _ = _run(capsys, "model", "deploy", "classifier", "1.0.0", "--config", config)
+    assert status == 0 and out.startswith("deployed classifier 1.0.0: entitled devices are offered it")
+    assert deployed() == "1.0.0" and _offered(config) == ["classifier 1.0.0"]
+    status, out, _ = _run(capsys, "model", "deploy", "classifier", "1.0.0", "--config", config)
+    assert status == 0 and "already deployed; nothing changed" in out
+
+    publish("1.1.0")  # devices keep the deployed version until 1.1.0 is deployed
+    assert deployed() == "1.0.0" and _offered(config) == ["classifier 1.0.0"]
+    status, out, _ = _run(capsys, "model", "deploy", "classifier", "1.1.0", "--json", "--config", config)
+    assert status == 0 and json.loads(out) == {"name": "classifier", "version": "1.1.0", "deployed": True,
+                                               "previous": "1.0.0"}
+    assert deployed() == "1.1.0" and _offered(config) == ["classifier 1.1.0"]
+
+    # Refusals: one line on stderr, exit code 1, nothing deployed, nothing audited.
+    publish("1.2.0")
+    publish("1.3.0")
+    assert _run(capsys, "model", "deploy", "classifier", "1.3.0", "--config", config)[0] == 0
+    for argv, reason in ((("classifier", "2.0.0"), "model classifier has no version 2.0.0"),
+                         (("nothing", "1.0.0"), "no model 'nothing'"),
+                         (("classifier", "1.2.0"),
+                          "classifier 1.2.0 is older than the deployed version 1.3.0")):
+        status, out, err = _run(capsys, "model", "deploy", *argv, "--config", config)
+        assert (status, out) == (1, "") and err == f"fleet-server: {reason}\n", err
+    status, _, err = _run(capsys, "model", "deploy", "classifier", "not/a/version", "--config", config)
+    assert status == 1 and err.startswith("fleet-server: ") and err.count("\n") == 1, err
+    assert deployed() == "1.3.0" and _offered(config) == ["classifier 1.3.0"]
+    assert _deploy_entries(config) == [{"version": "1.0.0", "previous": None},
+                                       {"version": "1.1.0", "previous": "1.0.0"},
+                                       {"version": "1.3.0", "previous": "1.1.0"}]
 
 
 def test_publish_without_a_kek_is_refused(data_dir: Path, tmp_path: Path,

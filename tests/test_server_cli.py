@@ -200,7 +200,7 @@ def test_device_approve_revoke_quarantine(
     cert = x509.load_der_x509_certificate(result.device_cert or b"")
     assert cert.public_key() == key.public_key()
     status, _, err = _run(capsys, "device", "approve", "cam-9", "--config", config)
-    assert status == 1 and "only pending, revoked or quarantined" in err
+    assert status == 1 and "only pending, revoked, quarantined or untrusted" in err
 
     status, out, _ = _run(capsys, "device", "quarantine", "cam-9", "--reason", "odd traffic", "--config",
                           config)
@@ -234,6 +234,22 @@ def test_device_approve_revoke_quarantine(
                           "--config", config)
     assert status == 0 and "0 revoked certificate(s), valid 30 days" in out
     assert len(x509.load_pem_x509_crl((data_dir / "copy.crl.pem").read_bytes())) == 0
+    repo.engine.dispose()
+
+
+def test_device_unquarantine_lifts_only_a_quarantine(
+        config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    repo, _ = _pending_device(config, "cam-8")
+    assert _run(capsys, "device", "approve", "cam-8", "--config", config)[0] == 0
+    status, _, err = _run(capsys, "device", "unquarantine", "cam-8", "--config", config)
+    assert status == 1 and err.strip() == "fleet-server: device cam-8 is enrolled, not quarantined", err
+    assert _run(capsys, "device", "quarantine", "cam-8", "--config", config)[0] == 0
+    status, out, _ = _run(capsys, "device", "unquarantine", "cam-8", "--config", config)
+    assert status == 0 and "quarantined -> enrolled" in out
+    device = repo.device("cam-8")
+    assert device is not None and device.state == "enrolled" and device.next_attestation_at is not None
+    assert device.trusted_until is None  # trusted again only by good evidence
+    assert repo.state_history("cam-8", limit=1)[0].cause == "quarantine lifted by admin"
     repo.engine.dispose()
 
 

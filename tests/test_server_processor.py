@@ -609,3 +609,32 @@ def test_proof_after_the_device_was_held_earns_nothing(
     assert processor.counters.get("rejected.enroll_held") == 1
     record = repo.device("held-2")
     assert record is not None and record.state == state and record.cert_serial == serial
+
+
+@pytest.mark.parametrize("state", HELD)
+def test_an_admins_lift_lets_a_held_device_that_lost_its_ak_enroll_again(
+        state: str, processor: Processor, repo: Repository, signer: ResultSigner,
+        trusted_device: TrustedFactory, fleet_pki: BrokerPki, clock: ManualClock) -> None:
+    """``approve`` (or ``unquarantine``) lifts every held state, ``untrusted`` included; the device is
+    then only ``enrolled``: a new AK enrolls, and trust comes from good evidence alone."""
+    dev = _hold(state, "held-3", processor, repo, signer, trusted_device, clock)
+    dev.new_ak()
+    clock.advance(2_000)
+    assert enroll_rejected(processor, signer, dev)
+    lift = admin.unquarantine_device if state == "quarantined" else admin.approve_device
+    transition = lift(repo, "held-3", signer=signer, fleet_ca=fleet_pki.load_ca(), now=clock.now_ms())
+    assert (transition.from_state, transition.to_state) == (state, "enrolled")
+    clock.advance(2_000)
+    assert enroll(processor, signer, dev).status == "admitted"  # EK pre-registered: admitted at once
+    record = repo.device("held-3")
+    assert record is not None and record.state == "enrolled" and record.trusted_until is None
+    identity = repo.device_identity("held-3")
+    assert identity is not None and identity.ak_public == dev.tpm.ak_public
+    clock.advance(2_000)
+    # Untrusted boot stays untrusted: lifting the hold is no verdict.
+    assert attest_once(processor, signer, dev).verdict == ("untrusted" if state == "untrusted" else "trusted")
+
+
+def enroll_rejected(processor: Processor, signer: ResultSigner, dev: SimDevice) -> bool:
+    out = processor.handle_batch([dev.enroll_up("request", dev.enroll_request())])
+    return bool(one(signer, out, dev.id, "result").status == "rejected")

@@ -3,9 +3,11 @@
 * ``device list [--state S] [--json]``
 * ``device show ID [--json]`` - state, reasons, schedule, boot state, state history, recent results
 * ``device approve ID`` - admit a pending device (its certificate is sent by a running worker), or
-  re-admit a revoked or quarantined one
+  re-admit a revoked, quarantined or untrusted one (it is challenged at once; trusted only by good
+  evidence)
 * ``device revoke ID [--reason TEXT]`` - no more challenges; a signed revocation is sent
-* ``device quarantine ID [--reason TEXT]`` - attested but never trusted until approved
+* ``device quarantine ID [--reason TEXT]`` - attested but never trusted until lifted
+* ``device unquarantine ID`` - lift a quarantine: back to ``enrolled``, challenged at once
 * ``device preregister EKCERT_FILE [--device-class C] [--note TEXT]`` - a device proving this EK is
   admitted without approval
 
@@ -60,7 +62,8 @@ def register(subparsers: Any) -> None:
     add_config_argument(show)
     show.set_defaults(handler=_show)
 
-    approve = sub.add_parser("approve", help="admit a pending (or re-admit a revoked/quarantined) device")
+    approve = sub.add_parser("approve", help="admit a pending (or re-admit a revoked, quarantined or "
+                                             "untrusted) device")
     approve.add_argument("device_id", metavar="ID")
     add_config_argument(approve)
     approve.set_defaults(handler=_approve)
@@ -76,6 +79,13 @@ def register(subparsers: Any) -> None:
     quarantine.add_argument("--reason", default="", help="why (recorded and sent to the device)")
     add_config_argument(quarantine)
     quarantine.set_defaults(handler=_quarantine)
+
+    unquarantine = sub.add_parser("unquarantine", help="lift a quarantine (the device is attested again)",
+                                  description="Move a quarantined device back to enrolled: it is "
+                                              "challenged at once and trusted only by good evidence.")
+    unquarantine.add_argument("device_id", metavar="ID")
+    add_config_argument(unquarantine)
+    unquarantine.set_defaults(handler=_unquarantine)
 
     crl = sub.add_parser("crl", help="write the CRL of revoked device certificates (for the broker)",
                          description="Sign the list of revoked devices' certificates with the fleet CA and "
@@ -212,6 +222,17 @@ def _quarantine(args: argparse.Namespace) -> int:
         result = admin.quarantine_device(repo, device_id, signer=signer, now=now_ms(), reason=args.reason)
         _audit(repo, "device.quarantine", result, reason=args.reason)
     return emit([f"device {device_id}: {result.from_state} -> {result.to_state}; signed revocation queued"])
+
+
+def _unquarantine(args: argparse.Namespace) -> int:
+    device_id = validate_device_id(args.device_id)
+    config = load(args)
+    signer = load_signing_key(config.signing_key)
+    ca = pki.load_ca_files(config.fleet_ca_cert, config.fleet_ca_key)
+    with repository(config) as repo:
+        result = admin.unquarantine_device(repo, device_id, signer=signer, fleet_ca=ca, now=now_ms())
+        _audit(repo, "device.unquarantine", result)
+    return emit([f"device {device_id}: {result.from_state} -> {result.to_state}; it is challenged now"])
 
 
 def _crl(args: argparse.Namespace) -> int:

@@ -522,6 +522,24 @@ def approve_device(device_id: str) -> tuple[Response, int]:
     return _device_action(device_id, "approve", run)
 
 
+@bp.post("/devices/<device_id>/unquarantine")
+@require(Right.APPROVE)
+def unquarantine_device(device_id: str) -> tuple[Response, int]:
+    Query()
+    Body(optional=True)
+
+    def run(svc: ConsoleServices, principal: Principal, dev: str) -> admin.StateTransition:
+        try:
+            fleet_ca = svc.fleet_ca()
+        except ConfigError as exc:
+            _log_unavailable("fleet CA", exc)
+            fail(503, "this server cannot sign device certificates right now (see the server log)")
+        return admin.unquarantine_device(svc.repo, dev, signer=_signer(svc), fleet_ca=fleet_ca, now=svc.now(),
+                                         actor=principal.actor)
+
+    return _device_action(device_id, "unquarantine", run)
+
+
 @bp.post("/devices/<device_id>/revoke")
 @require(Right.REVOKE)
 def revoke_device(device_id: str) -> tuple[Response, int]:

@@ -1,6 +1,6 @@
 """Devices: the list (search, filters, keyset pagination) and a device's page (identity, attestation
 history, latest PCRs, the boot event log marked against the reference values, model leases and usage)
-with the fleet actions: approve, re-attest now, revoke, quarantine.
+with the fleet actions: approve, re-attest now, revoke, quarantine, lift a quarantine.
 
 Actions reuse :mod:`fleet_server.service.admin` (state change, ``statechange`` row and the signed
 message in the outbox, in one transaction; a worker publishes it) and are written to the audit log.
@@ -39,7 +39,10 @@ DONE_MESSAGES = {
                "pending) is queued for the workers.",
     "reattest": "Re-attestation requested: the scheduler challenges the device at its next round.",
     "revoke": "Device revoked: a signed revocation is queued for the workers.",
-    "quarantine": "Device quarantined: a signed revocation is queued; it stays untrusted until approved.",
+    "quarantine": "Device quarantined: a signed revocation is queued; it stays untrusted until the "
+                  "quarantine is lifted.",
+    "unquarantine": "Quarantine lifted: the device is enrolled and will be challenged now; only good "
+                    "evidence makes it trusted.",
 }
 
 
@@ -220,6 +223,18 @@ def approve(device_id: str) -> BaseResponse | tuple[str, int]:
     except (admin.AdminError, MalformedInputError) as exc:
         return _refused(device_id, exc)
     return _done(svc, principal, "approve", transition, cert_serial=transition.cert_serial)
+
+
+@bp.post("/<device_id>/unquarantine")
+@require(Right.APPROVE)
+def unquarantine(device_id: str) -> BaseResponse | tuple[str, int]:
+    svc, principal = services(), _principal()
+    try:
+        transition = admin.unquarantine_device(svc.repo, device_id, signer=svc.signer(),
+                                               fleet_ca=svc.fleet_ca(), now=svc.now(), actor=principal.actor)
+    except (admin.AdminError, MalformedInputError) as exc:
+        return _refused(device_id, exc)
+    return _done(svc, principal, "unquarantine", transition)
 
 
 @bp.post("/<device_id>/reattest")

@@ -23,7 +23,7 @@ from fleet_server.keys import ResultSigner
 from fleet_server.modelstore.policy import apply_settings, loosened, policy_from_text, policy_json
 from fleet_server.modelstore.store import check_name, check_version
 from fleet_server.service.models import DOWN_KEY_DENIED, DOWN_MODEL_OFFER
-from fleet_server.storage.model_repo import LeaseRecord
+from fleet_server.storage.model_repo import LeaseRecord, ModelRecord, ModelTx, VersionRecord
 from fleet_server.storage.model_tables import EntitlementKind, LeaseState
 from fleet_server.storage.repo import Repository
 from protocol import topics
@@ -58,20 +58,32 @@ class Deployment:
     """The newest version deployed before (what devices were offered until now), or None."""
 
 
+def _locked_version(models: ModelTx, name: str,
+                    version: str | None) -> tuple[ModelRecord, list[VersionRecord], VersionRecord]:
+    """The model ``name``, its versions (newest first, locked for this transaction) and ``version``
+    among them (``None``: the newest); :class:`ModelAdminError` if there is no such model or version."""
+    model = models.model(check_name(name))
+    if model is None:
+        raise ModelAdminError(f"no model {name!r}")
+    versions = models.versions(model.id, lock=True)
+    if version is None:
+        if not versions:
+            raise ModelAdminError(f"model {name} has no published version")
+        return model, versions, versions[0]
+    check_version(version)
+    chosen = next((x for x in versions if x.version == version), None)
+    if chosen is None:
+        raise ModelAdminError(f"model {name} has no version {version}")
+    return model, versions, chosen
+
+
 def deploy(repo: Repository, name: str, version: str, *, now: int, actor: str = "admin") -> Deployment:
     """Deploy ``version`` of ``name``: entitled devices are offered it with their next trusted
     attestation. Refused for a version older than the newest deployed one (roll back by publishing
     and deploying a newer version)."""
-    check_version(version)
     with repo.write("deploying a model version") as tx:
         models = tx.models
-        model = models.model(check_name(name))
-        if model is None:
-            raise ModelAdminError(f"no model {name!r}")
-        versions = models.versions(model.id, lock=True)
-        chosen = next((x for x in versions if x.version == version), None)
-        if chosen is None:
-            raise ModelAdminError(f"model {name} has no version {version}")
+        _, versions, chosen = _locked_version(models, name, version)
         current = next((x for x in versions if x.deployed), None)  # newest first
         if chosen.deployed:
             return Deployment(name, version, False, None if current is None else current.version)
@@ -163,19 +175,7 @@ def set_policy(repo: Repository, name: str, settings: Sequence[str], *, now: int
     is refused with :class:`LooseningRefused`."""
     with repo.write("changing a model policy") as tx:
         models = tx.models
-        model = models.model(check_name(name))
-        if model is None:
-            raise ModelAdminError(f"no model {name!r}")
-        versions = models.versions(model.id, lock=True)
-        if version is not None:
-            check_version(version)
-            chosen = next((x for x in versions if x.version == version), None)
-            if chosen is None:
-                raise ModelAdminError(f"model {name} has no version {version}")
-        elif versions:
-            chosen = versions[0]
-        else:
-            raise ModelAdminError(f"model {name} has no published version")
+        model, _, chosen = _locked_version(models, name, version)
         before = policy_from_text(chosen.policy)
         after = apply_settings(before, list(settings))
         looser = loosened(before, after)

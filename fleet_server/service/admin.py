@@ -8,9 +8,13 @@ publishes (the CLI never talks MQTT).
 State rules (docs/attestation-service.md, "States"):
 
 * ``approve``: ``pending`` -> ``enrolled`` (signs the device's CSR and sends it its certificate);
-  ``revoked`` -> ``enrolled`` and ``quarantined`` -> ``enrolled`` (the device is challenged at once);
+  ``revoked``, ``quarantined`` or ``untrusted`` -> ``enrolled`` (the device is challenged at once and
+  is trusted only by good evidence; lifting ``untrusted`` lets a device that lost its AK enroll a new
+  one, which enrolling cannot do while it is held);
+* ``unquarantine``: ``quarantined`` -> ``enrolled`` only (the same re-admission as ``approve``, for an
+  admin who means to lift a quarantine and nothing else);
 * ``revoke``: any state -> ``revoked`` (open challenges superseded, schedule cleared);
-* ``quarantine``: an attested state -> ``quarantined`` (attested, never trusted, until approved).
+* ``quarantine``: an attested state -> ``quarantined`` (attested, never trusted, until lifted).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from fleet_server.enrollment.ekcert import verify_ek_certificate
 from fleet_server.keys import ResultSigner
 from fleet_server.service.crl import record_issued
 from fleet_server.service.processor import DOWN_RESULT, DOWN_REVOCATION
-from fleet_server.storage.models import ATTESTED_STATES, DeviceState
+from fleet_server.storage.models import ATTESTED_STATES, HELD_STATES, DeviceState
 from fleet_server.storage.repo import Repository, Tx, selection_json
 from protocol import topics
 from protocol.errors import ConfigError, EdgeError, MalformedInputError, VerificationError
@@ -62,35 +66,57 @@ def _device(tx: Tx, device_id: str) -> tuple[str, str, bytes | None, str | None]
     return identity.state, identity.device_class, identity.csr, identity.enroll_request_id
 
 
+APPROVABLE_STATES: frozenset[str] = frozenset({DeviceState.PENDING, *HELD_STATES})
+"""States ``approve`` admits from: pending, and every state enrolling again cannot lift."""
+
+
 def approve_device(repo: Repository, device_id: str, *, signer: ResultSigner, fleet_ca: pki.FleetCA,
                    now: int, actor: str = "admin") -> StateTransition:
-    """Admit a pending device (or re-admit a revoked or quarantined one); see the module docstring."""
+    """Admit a pending device (or re-admit a held one); see the module docstring."""
     with repo.write("approving a device") as tx:
         state, _, csr, request_id = _device(tx, device_id)
-        if state not in (DeviceState.PENDING, DeviceState.REVOKED, DeviceState.QUARANTINED):
-            raise AdminError(f"device {device_id} is {state}; only pending, revoked or quarantined devices "
-                             "can be approved")
-        extra: dict[str, object] = {"next_attestation_at": now, "missed_challenges": 0, "trusted_until": None}
-        messages = 0
-        serial = None
-        if csr is not None:
-            # The device never received a certificate: it waits on its claim connection for this.
-            try:
-                cert_pem = pki.sign_device_csr(fleet_ca, csr, device_id, now=now / 1000)
-            except VerificationError as exc:
-                raise AdminError(f"cannot issue the certificate of {device_id}: "
-                                 f"{exc.diagnostics()}") from None
-            cert = x509.load_pem_x509_certificate(cert_pem)
-            serial = format(cert.serial_number, "x")
-            extra.update(cert_serial=serial, csr=None)
-            record_issued(tx, device_id, cert_pem, now=now)
-            result = EnrollResult(request_id=request_id or "0" * 32, status="admitted", reasons=(),
-                                  device_cert=cert.public_bytes(serialization.Encoding.DER))
-            tx.add_outbox(topics.enroll_down(device_id, DOWN_RESULT),
-                          signer.sign(result, aud=topics.claim_identity(device_id), ts=now), now)
-            messages += 1
-        tx.set_state(device_id, from_state=state, to_state=DeviceState.ENROLLED, now=now,
-                     cause=f"approved by {actor}", extra=extra)
+        if state not in APPROVABLE_STATES:
+            raise AdminError(f"device {device_id} is {state}; only pending, revoked, quarantined or "
+                             "untrusted devices can be approved")
+        return _admit(tx, device_id, state, csr, request_id, signer=signer, fleet_ca=fleet_ca, now=now,
+                      cause=f"approved by {actor}")
+
+
+def unquarantine_device(repo: Repository, device_id: str, *, signer: ResultSigner, fleet_ca: pki.FleetCA,
+                        now: int, actor: str = "admin") -> StateTransition:
+    """Lift a quarantine: ``quarantined`` -> ``enrolled``, challenged now, trusted by good evidence only."""
+    with repo.write("lifting a quarantine") as tx:
+        state, _, csr, request_id = _device(tx, device_id)
+        if state != DeviceState.QUARANTINED:
+            raise AdminError(f"device {device_id} is {state}, not quarantined")
+        return _admit(tx, device_id, state, csr, request_id, signer=signer, fleet_ca=fleet_ca, now=now,
+                      cause=f"quarantine lifted by {actor}")
+
+
+def _admit(tx: Tx, device_id: str, state: str, csr: bytes | None, request_id: str | None, *,
+           signer: ResultSigner, fleet_ca: pki.FleetCA, now: int, cause: str) -> StateTransition:
+    """Move the device to ``enrolled`` (challenged now); a device still waiting gets its certificate."""
+    extra: dict[str, object] = {"next_attestation_at": now, "missed_challenges": 0, "trusted_until": None}
+    messages = 0
+    serial = None
+    if csr is not None:
+        # The device never received a certificate: it waits on its claim connection for this.
+        try:
+            cert_pem = pki.sign_device_csr(fleet_ca, csr, device_id, now=now / 1000)
+        except VerificationError as exc:
+            raise AdminError(f"cannot issue the certificate of {device_id}: "
+                             f"{exc.diagnostics()}") from None
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        serial = format(cert.serial_number, "x")
+        extra.update(cert_serial=serial, csr=None)
+        record_issued(tx, device_id, cert_pem, now=now)
+        result = EnrollResult(request_id=request_id or "0" * 32, status="admitted", reasons=(),
+                              device_cert=cert.public_bytes(serialization.Encoding.DER))
+        tx.add_outbox(topics.enroll_down(device_id, DOWN_RESULT),
+                      signer.sign(result, aud=topics.claim_identity(device_id), ts=now), now)
+        messages += 1
+    tx.set_state(device_id, from_state=state, to_state=DeviceState.ENROLLED, now=now, cause=cause,
+                 extra=extra)
     return StateTransition(device_id, state, DeviceState.ENROLLED, messages, serial)
 
 
@@ -119,7 +145,7 @@ def revoke_device(repo: Repository, device_id: str, *, signer: ResultSigner, now
 
 def quarantine_device(repo: Repository, device_id: str, *, signer: ResultSigner, now: int, reason: str = "",
                       actor: str = "admin") -> StateTransition:
-    """Hold an attested device: still challenged and appraised, never trusted, until approved."""
+    """Hold an attested device: still challenged and appraised, never trusted, until lifted."""
     text = reason.strip() or f"quarantined by {actor}"
     with repo.write("quarantining a device") as tx:
         state, _, _, _ = _device(tx, device_id)

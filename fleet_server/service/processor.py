@@ -883,9 +883,11 @@ def held_reason(device_id: str, state: str) -> str:
     """Why enrolling again is refused for a device in one of :data:`HELD_STATES` (sent and logged)."""
     if state == DeviceState.UNTRUSTED:
         return (f"device {device_id} is untrusted: enrolling again cannot reset its state; only good "
-                "evidence from its enrolled attestation key makes it trusted again")
+                "evidence from its enrolled attestation key makes it trusted again, or an administrator "
+                "re-admits it (fleet-server device approve)")
+    lift = "unquarantine or approve" if state == DeviceState.QUARANTINED else "approve"
     return (f"device {device_id} is {state}: enrolling again cannot change its state; only an "
-            "administrator can lift it (fleet-server device approve)")
+            f"administrator can lift it (fleet-server device {lift})")
 
 
 def _needs_full_log(plan: _EvidencePlan) -> bool:

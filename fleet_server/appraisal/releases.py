@@ -72,9 +72,12 @@ class Candidate:
 
     role: str
     policy: ReferencePolicy | None
+    device_class: str  # what the device runs when it matches (its class and firmware follow it)
+    firmware_version: str
     release: str = ""
     release_id: int | None = None
     policy_id: int | None = None
+    name: str = ""  # the policy's or release's name, for causes and logs
 
 
 @dataclass(frozen=True, slots=True)

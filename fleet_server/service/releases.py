@@ -162,15 +162,15 @@ def assign_release(repo: Repository, target: str, device_ids: Sequence[str], *, 
     return out
 
 
-def status_problem(assignment: AssignmentRecord, *, state: str, target: str, attested_release_id: int | None
-                   ) -> str | None:
+def status_problem(assignment: AssignmentRecord, *, state: str, target: str, reason: str,
+                   attested_release_id: int | None) -> str | None:
     """Why a reported ``state`` cannot move ``assignment``, or None (see the module docstring)."""
     if target != assignment.target:
         return f"assignment {assignment.id} is for {assignment.target}, not {target}"
     if assignment.state in _FINAL:
         return f"assignment {assignment.id} is {assignment.state} already"
     if state in (AssignmentState.ROLLED_BACK, AssignmentState.FAILED):
-        return None
+        return None if reason.strip() else f"a {state} status must give its reason"
     if _ORDER[AssignmentState(state)] < _ORDER[AssignmentState(assignment.state)]:
         return f"assignment {assignment.id} is {assignment.state}; it cannot go back to {state}"
     if state == AssignmentState.COMMITTED and attested_release_id != assignment.release_id:

@@ -214,6 +214,9 @@ class ReleaseTx:
                                  .where(dr.device_id.in_(sorted(set(device_ids)))))
         return {row.device_id: row.release_id for row in rows}
 
+    def clear_attested_release(self, device_id: str) -> None:
+        self.conn.execute(delete(_DEVREL).where(dr.device_id == device_id))
+
     def set_attested_release(self, device_id: str, release_id: int, now: int) -> None:
         self.conn.execute(delete(_DEVREL).where(dr.device_id == device_id))
         self.conn.execute(insert(_DEVREL).values(device_id=device_id, release_id=release_id, attested_at=now))

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "user": "user_cmd",
     "token": "token_cmd",
     "audit": "audit_cmd",
+    "release": "release_cmd",
 }
 
 

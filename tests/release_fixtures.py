@@ -53,8 +53,8 @@ def profile_policy(profile: str, *, device_class: str, version: str) -> Referenc
     """The reference values of a profile's boot, as a release of ``device_class`` ``version``."""
     chosen = get_profile(profile)
     log = build_boot_log(BootMedia.from_specs(chosen.image_specs()), chosen.boot_settings).to_bytes()
-    return policy_from_eventlog(parse_eventlog(log), name=f"{device_class}-{version}", device_class=device_class,
-                                firmware_version=version)
+    return policy_from_eventlog(parse_eventlog(log), name=f"{device_class}-{version}",
+                                device_class=device_class, firmware_version=version)
 
 
 def write_bundle_dir(folder: Path, *, profile: str = "updated-firmware", device_class: str = "edge-camera",

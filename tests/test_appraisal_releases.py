@@ -46,7 +46,10 @@ def test_candidate_roles(now: int, state: str | None, grace_until: int | None,
     assert candidate_roles(now, terms) == expected
 
 
-def _appraisal(verdict: str, reasons: tuple[str, ...] = (), *, quote: Any = object(),
+_QUOTE: Any = object()  # stands for a verified quote (choose() only checks that there is one)
+
+
+def _appraisal(verdict: str, reasons: tuple[str, ...] = (), *, quote: Any = _QUOTE,
                boot: BootState | None = None) -> Appraisal:
     if boot is None and quote is not None:
         boot = BootState.create(reset_count=1, restart_count=0, clock=1)

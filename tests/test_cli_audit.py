@@ -120,7 +120,8 @@ AUDITED: dict[Command, Case] = {
     ("device", "approve"): Case(lambda env: ["device", "approve", "cam-9", *_c(env)], "device.approve",
                                 _fixed("device:cam-9")),
     ("release", "add"): Case(
-        lambda env: ["release", "add", _bundle(env), "--class", "edge-camera", "--version", "1.3.0", *_c(env)],
+        lambda env: ["release", "add", _bundle(env), "--class", "edge-camera", "--version", "1.3.0",
+                     *_c(env)],
         "release.add", _fixed(f"release:{RELEASE}")),
     ("release", "assign"): Case(lambda env: ["release", "assign", RELEASE, "--device", "cam-9", *_c(env)],
                                 "release.assign", _fixed(f"release:{RELEASE}")),

@@ -87,8 +87,8 @@ def test_release_add_list_show_assign_withdraw(
         assert status == 1 and "pending" in err  # releases go to attested devices only
         with repo.write() as tx:
             tx.update_device("cam-1", {"state": DeviceState.TRUSTED})
-        status, out, err = _run(capsys, "release", "assign", TARGET, "--device", "cam-1", "--deadline-s", "120",
-                                "--json", "--config", config)
+        status, out, err = _run(capsys, "release", "assign", TARGET, "--device", "cam-1", "--deadline-s",
+                                "120", "--json", "--config", config)
         assert status == 0, err
         [assigned] = json.loads(out)["assignments"]
         [row] = [r for r in repo.outbox() if r.topic == topics.device_down("cam-1", "update")]

@@ -22,7 +22,7 @@ from protocol.messages import UpdateAssignment, UpdateStatus, decode_signed, enc
 
 pytest.register_assert_rewrite("server_fixtures", "release_fixtures")
 from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
-from server_fixtures import BOTH_DATABASES, DeviceFactory, SimDevice, attest_once, enroll, one  # noqa: E402
+from server_fixtures import BOTH_DATABASES, DeviceFactory, SimDevice, attest_once, enroll  # noqa: E402
 
 pytest_plugins = ("mqtt_fixtures", "server_fixtures", "pg_fixtures")
 pytestmark = [pytest.mark.swtpm, BOTH_DATABASES]

@@ -37,7 +37,7 @@ from fleet_server.service.cliutil import (
     repository,
     table,
 )
-from fleet_server.storage.release_repo import AssignmentRecord, ReleaseRecord
+from fleet_server.storage.release_repo import ReleaseRecord
 from fleet_server.updates.targets import TargetStore
 from protocol.errors import ConfigError
 
@@ -96,21 +96,6 @@ def register(subparsers: Any) -> None:
     assign.set_defaults(handler=_assign)
 
 
-def release_json(rec: ReleaseRecord) -> dict[str, Any]:
-    """A release as the CLI and the API print it."""
-    return {"target": rec.target, "device_class": rec.device_class, "version": rec.version,
-            "state": rec.state, "bundle_sha256": rec.bundle_sha256.hex(), "bundle_length": rec.bundle_length,
-            "reference_sha256": rec.reference_sha256, "created_at": rec.created_at,
-            "created_by": rec.created_by, "withdrawn_at": rec.withdrawn_at}
-
-
-def assignment_json(rec: AssignmentRecord) -> dict[str, Any]:
-    """An assignment as the CLI and the API print it."""
-    return {"assignment_id": rec.id, "device_id": rec.device_id, "target": rec.target, "version": rec.version,
-            "state": rec.state, "reason": rec.reason, "deadline": rec.deadline, "created_at": rec.created_at,
-            "updated_at": rec.updated_at, "committed_at": rec.committed_at, "grace_until": rec.grace_until}
-
-
 def _add(args: argparse.Namespace) -> int:
     config = load(args)
     store = target_store_factory(config)
@@ -122,7 +107,7 @@ def _add(args: argparse.Namespace) -> int:
                     "bundle_sha256": rec.bundle_sha256.hex(), "bundle_length": rec.bundle_length},
                    now=now_ms())
     if args.json:
-        return emit_json(release_json(rec))
+        return emit_json(releases.release_json(rec))
     return emit([f"release {rec.target} added ({rec.bundle_length} bytes, sha256 {rec.bundle_sha256.hex()})"])
 
 
@@ -131,7 +116,7 @@ def _list(args: argparse.Namespace) -> int:
     with repository(config) as repo:
         found = repo.releases.releases()
     if args.json:
-        return emit_json([release_json(r) for r in found])
+        return emit_json([releases.release_json(r) for r in found])
     if not found:
         return emit(["no releases"])
     return emit(table(["TARGET", "CLASS", "VERSION", "STATE", "CREATED"],
@@ -151,7 +136,8 @@ def _show(args: argparse.Namespace) -> int:
         rec = _find(repo, args.target)
         assignments = repo.releases.assignments(release_id=rec.id)
     if args.json:
-        return emit_json({**release_json(rec), "assignments": [assignment_json(a) for a in assignments]})
+        return emit_json({**releases.release_json(rec),
+                          "assignments": [releases.assignment_json(a) for a in assignments]})
     lines = [f"release {rec.target} ({rec.state})",
              f"  class      {rec.device_class}",
              f"  version    {rec.version}",
@@ -171,7 +157,7 @@ def _withdraw(args: argparse.Namespace) -> int:
         rec = releases.withdraw_release(repo, store, args.target, now=now_ms())
         record_cli(repo.engine, "release.withdraw", f"release:{rec.target}", {}, now=now_ms())
     if args.json:
-        return emit_json(release_json(rec))
+        return emit_json(releases.release_json(rec))
     return emit([f"release {rec.target} withdrawn"])
 
 

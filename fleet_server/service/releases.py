@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fleet_server.keys import ResultSigner
 from fleet_server.storage.models import ATTESTED_STATES
@@ -177,3 +178,18 @@ def status_problem(assignment: AssignmentRecord, *, state: str, target: str, rea
         return (f"assignment {assignment.id}: committed before any trusted evidence matched "
                 f"{assignment.target}")
     return None
+
+
+def release_json(rec: ReleaseRecord) -> dict[str, Any]:
+    """A release as the CLI and the API print it."""
+    return {"target": rec.target, "device_class": rec.device_class, "version": rec.version,
+            "state": rec.state, "bundle_sha256": rec.bundle_sha256.hex(), "bundle_length": rec.bundle_length,
+            "reference_sha256": rec.reference_sha256, "created_at": rec.created_at,
+            "created_by": rec.created_by, "withdrawn_at": rec.withdrawn_at}
+
+
+def assignment_json(rec: AssignmentRecord) -> dict[str, Any]:
+    """An assignment as the CLI and the API print it."""
+    return {"assignment_id": rec.id, "device_id": rec.device_id, "target": rec.target, "version": rec.version,
+            "state": rec.state, "reason": rec.reason, "deadline": rec.deadline, "created_at": rec.created_at,
+            "updated_at": rec.updated_at, "committed_at": rec.committed_at, "grace_until": rec.grace_until}

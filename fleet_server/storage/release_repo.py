@@ -265,6 +265,10 @@ class ReleaseReads:
         with self.reading("reading a release") as tx:
             return tx.release(target)
 
+    def release_by_id(self, release_id: int) -> ReleaseRecord | None:
+        with self.reading("reading a release") as tx:
+            return tx.releases_by_id([release_id]).get(release_id)
+
     def assignments(self, *, device_id: str | None = None, release_id: int | None = None,
                     limit: int = 100) -> list[AssignmentRecord]:
         with self.reading("listing assignments") as tx:

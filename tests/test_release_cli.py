@@ -112,6 +112,8 @@ def test_release_add_list_show_assign_withdraw(
     assert json.loads(out)["state"] == "withdrawn" and ("firmware", TARGET) not in store.targets
     status, _, err = _run(capsys, "release", "withdraw", TARGET, "--config", config)
     assert status == 1 and "already withdrawn" in err
+    status, _, err = _run(capsys, "release", "assign", TARGET, "--device", "cam-1", "--config", config)
+    assert status == 1 and "is withdrawn" in err
     status, _, err = _run(capsys, "release", "show", "firmware/edge-camera/9.9.9.fwb", "--config", config)
     assert status == 1 and "no release" in err
 

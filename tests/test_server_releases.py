@@ -186,6 +186,12 @@ def test_assign_refuses_unknown_release_other_class_and_twice(
                        actor="test")
     with pytest.raises(ReleaseError, match="no device"):
         assign_release(repo, TARGET, ["cam-404"], signer=signer, now=clock.now_ms(), actor="test")
-    _assign(repo, signer, clock)
+    first = _assign(repo, signer, clock)
     with pytest.raises(ReleaseError, match="still installing"):
         _assign(repo, signer, clock)
+    # Past its deadline without a report, the assignment is over: a new one replaces it.
+    clock.advance(round(DEADLINE_S * 1000))
+    second = _assign(repo, signer, clock)
+    newest, old = repo.releases.assignments(device_id="cam-1")
+    assert (newest.id, old.id) == (second.assignment_id, first.assignment_id)
+    assert (old.state, old.reason) == ("failed", "deadline passed without a commit")

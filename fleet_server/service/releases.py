@@ -145,8 +145,12 @@ def assign_release(repo: Repository, target: str, device_ids: Sequence[str], *, 
                                    f"for {release.device_class}")
             current = latest.get(device_id)
             if current is not None and current.state not in _FINAL:
-                raise ReleaseError(f"device {device_id} is still installing {current.target} "
-                                   f"({current.state})")
+                if now < current.deadline:
+                    raise ReleaseError(f"device {device_id} is still installing {current.target} "
+                                       f"({current.state}) until {current.deadline}")
+                # Its deadline passed without a commit (and without a report): it is over.
+                tx.releases.set_assignment_state(current.id, state=AssignmentState.FAILED,
+                                                 reason="deadline passed without a commit", now=now)
             if attested.get(device_id) == release.id:
                 raise ReleaseError(f"device {device_id} runs {target} already")
             assignment_id = new_message_id()

@@ -29,6 +29,7 @@ pytest_plugins = ("console_fixtures",)
 
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 SAMPLES: dict[str, Any] = {"device_id": "cam-1", "policy_id": 1, "alert_id": 1, "user_id": 1, "token_id": 1,
+                           "release_id": 1,
                            "filename": "console.css"}
 
 

@@ -161,6 +161,10 @@ class FleetConfig:
     """Prediction requests per device during the measured window (needs ``model``)."""
     query_interval: float | None = None
     """Seconds between a device's requests; default the window spread evenly (1 s without a window)."""
+    updates: bool = False
+    """Provision the devices for signed updates: ``fleet-server updates init``, the root exported to
+    ``<workdir>/update-root.json`` (:attr:`FleetHarness.update_root`), and every agent configured
+    with ``[update]`` (its device's boot folder and that root)."""
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -319,6 +323,9 @@ class FleetHarness:
         """Trusted devices whose onnxruntime could not load the model, with its reason (as the server
         received it in their ``model-status``); when not empty the run measures nothing."""
         self.started = False
+        self.update_root: Path | None = None
+        """The update repository's root metadata the agents trust (with ``updates``): set, every agent
+        configuration written from then on has ``[update]``."""
 
     # -- paths -------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> Path:
@@ -403,6 +410,8 @@ class FleetHarness:
         self._check_interrupted()
         self._start_broker()
         self._write_server_config()
+        if cfg.updates:
+            self._init_updates()
         self._make_devices(ca)
         self._check_interrupted()
         self._store_policy()
@@ -494,6 +503,17 @@ class FleetHarness:
         self._progress("fleet-server init")
         _run_cli(fleet_server, ["init", "--data-dir", str(self.data_dir), "--trust-bundle", str(ca.bundle)],
                  "fleet-server init")
+
+    def _init_updates(self) -> None:
+        """Create the update repository and export the root the devices are provisioned with."""
+        from fleet_server.cli import main as fleet_server
+
+        self._progress("fleet-server updates init")
+        config = ["--config", str(self.server_config)]
+        _run_cli(fleet_server, ["updates", "init", *config], "fleet-server updates init")
+        root = self._path("update-root.json")
+        _run_cli(fleet_server, ["updates", "root", "--out", str(root), *config], "fleet-server updates root")
+        self.update_root = root
 
     def _start_broker(self) -> None:
         self.broker = MosquittoBroker.for_data_dir(self._path("broker"), self.data_dir)
@@ -702,6 +722,8 @@ class FleetHarness:
             f"level = {_toml_str(self.config.agent_log_level)}",
             "",
         ])
+        if self.update_root is not None:
+            text += device.sim.update_table(self.update_root)
         if self.config.model is not None:
             text += "\n".join([
                 "[models]",

@@ -823,6 +823,52 @@ class FleetHarness:
             self._server_log = None
         self._progress("fleet server killed (SIGKILL)")
 
+    # -- releases (with ``updates``) ------------------------------------------------------------------
+    def publish_release(self, version: str, profile: str = "golden") -> str:
+        """Build ``profile``'s images at firmware ``version`` as a release bundle (what
+        ``firmware-sim release build OUT --from PROFILE --version V`` writes, into
+        ``<workdir>/releases/``) and publish it (``fleet-server release add``); its TUF target path."""
+        import json
+
+        from firmware_sim.release import build_release, from_profile
+        from fleet_server.cli import main as fleet_server
+
+        if self.update_root is None:
+            raise HarnessError("the fleet has no update repository (FleetConfig.updates)")
+        chosen = get_profile(profile)
+        bundle = self._path("releases", f"{chosen.name}-{version}")
+        bundle.parent.mkdir(exist_ok=True)
+        build_release(bundle, from_profile(chosen, version))
+        argv = ["release", "add", str(bundle), "--class", chosen.device_class, "--version", version, "--json",
+                "--config", str(self.server_config)]
+        out = _run_cli(fleet_server, argv, "fleet-server release add")
+        target = str(json.loads(out)["target"])
+        self._progress(f"release {target} published")
+        return target
+
+    def assign_release(self, target: str, device_ids: Sequence[str]) -> dict[str, str]:
+        """``fleet-server release assign``: ``{device_id: assignment_id}``."""
+        import json
+
+        from fleet_server.cli import main as fleet_server
+
+        argv = ["release", "assign", target, "--json", "--config", str(self.server_config)]
+        for device_id in device_ids:
+            argv += ["--device", device_id]
+        out = _run_cli(fleet_server, argv, "fleet-server release assign")
+        return {str(a["device_id"]): str(a["assignment_id"]) for a in json.loads(out)["assignments"]}
+
+    def assignments(self, target: str) -> dict[str, dict[str, Any]]:
+        """The assignments of release ``target`` by id (``fleet-server release show --json``: ``state``,
+        ``reason``, ``device_id``...)."""
+        import json
+
+        from fleet_server.cli import main as fleet_server
+
+        argv = ["release", "show", target, "--json", "--config", str(self.server_config)]
+        out = _run_cli(fleet_server, argv, "fleet-server release show")
+        return {str(a["assignment_id"]): dict(a) for a in json.loads(out)["assignments"]}
+
     # -- the broker --------------------------------------------------------------------------------
     def restart_broker(self) -> None:
         """Stop and start Mosquitto on the same port (every client must reconnect)."""

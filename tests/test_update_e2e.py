@@ -12,7 +12,11 @@ simulated device (swtpm, measured A/B boot) whose reboots are power cycles
   failing event named, rolls back, is trusted on 1.2.0 again, and the assignment is rolled_back with
   that reason;
 * a device never assigned the release that boots its images is untrusted (its reference values are
-  not accepted without an assignment).
+  not accepted without an assignment);
+* a download python-tuf refuses (the served target damaged) is reported ``failed`` with its reason,
+  and the next assignment installs and commits;
+* the fleet harness provisions its devices for updates (``FleetConfig(updates=True)``) and runs the
+  power cycles its agents ask for.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import load_config
 from agent.service import Agent
 from agent.update import bootctl
 from firmware_sim.broker import MosquittoBroker
 from firmware_sim.cli import main as firmware_sim
 from firmware_sim.device import SimulatedDevice
+from firmware_sim.fleet import FleetConfig, running_fleet
 from firmware_sim.manufacturer import ManufacturerCA
 from firmware_sim.power import PowerCycler
 from fleet_server.cli import main as fleet_server
@@ -301,3 +307,52 @@ def test_the_reference_values_of_a_release_never_assigned_to_the_device_are_not_
     record = worker.repo.device(DEVICE)
     assert record is not None and record.firmware_version == "1.2.0"
     assert worker.repo.releases.attested_release(DEVICE) is None
+
+
+def test_a_download_python_tuf_refuses_is_reported_failed_and_a_later_assignment_commits(
+        tmp_path: Path, fleet_dir: Path, rig: Rig, server_statuses: ServerStatuses,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rig.start_agent()
+    wait_status(rig.agent, lambda s: s.trusted, "trusted on 1.2.0")
+    target = publish_release(tmp_path, fleet_dir, capsys)
+    # The server's copy of the target is damaged (same length): the signed hashes no longer match.
+    [served] = (fleet_dir / "updates" / "targets" / "firmware" / CLASS).glob("*.1.3.0.fwb")
+    good = served.read_bytes()
+    served.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    first = assign(fleet_dir, capsys, target)
+    wait_until(lambda: assignment(fleet_dir, capsys, first)["state"] == "failed", timeout=UPDATE_WAIT,
+               what="the assignment failed")
+    reason = str(assignment(fleet_dir, capsys, first)["reason"])
+    assert f"downloading target {target}: refused by TUF: LengthOrHashMismatchError" in reason, reason
+    assert rig.cycles() == 0 and bootctl.read(rig.device.boot_dir).trial is None
+    assert rig.agent.status().phase == "running"
+    # The update thread lives on: with the target repaired, the next assignment installs and commits.
+    served.write_bytes(good)
+    second = assign(fleet_dir, capsys, target)
+    wait_until(lambda: assignment(fleet_dir, capsys, second)["state"] == "committed", timeout=UPDATE_WAIT,
+               what="the second assignment committed")
+    assert server_statuses.seen() == ["downloading", "failed", "downloading", "installed", "rebooting",
+                                      "committed"]
+
+
+def test_the_fleet_harness_provisions_its_devices_for_updates_and_power_cycles_them_on_request(
+        tmp_path: Path) -> None:
+    # Agents run in an agent host process; their reboot requests cross its event pipe to the
+    # harness's PowerCycler, which power-cycles the device and starts the agent again.
+    with running_fleet(FleetConfig(devices=1, interval=30.0, duration=None, updates=True,
+                                   workdir=tmp_path / "fleet")) as harness:
+        [device_id] = harness.device_ids
+        device = harness.devices[device_id]
+        assert harness.update_root is not None
+        config = load_config(device.agent_dir / "agent.toml")
+        assert config.update is not None
+        assert (config.update.boot_dir, config.update.root_file) == (device.sim.boot_dir, harness.update_root)
+        target = harness.publish_release("1.3.0")
+        assignment_id = harness.assign_release(target, [device_id])[device_id]
+        wait_until(lambda: harness.assignments(target)[assignment_id]["state"] == "committed",
+                   timeout=UPDATE_WAIT, what="the harness's device committed the release")
+        assert harness.power is not None and len(harness.power.cycles(device_id)) == 1
+        assert device.sim.booted_slot == "b"
+        wait_until(lambda: harness.agent_status()[device_id].trusted, timeout=UPDATE_WAIT,
+                   what="the device trusted on the new release")
+        assert harness.device_states()[device_id].state == "trusted"

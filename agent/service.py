@@ -14,6 +14,10 @@ Threads of one agent
 * **worker** (``agent-<id>-attest``): answers challenges (:mod:`agent.attest`) and publishes the
   evidence.  TPM work never runs on paho's network thread nor blocks message handling.  Only the
   latest unanswered challenge is kept: the server supersedes older ones anyway.
+* with ``[update]``, the update thread (``agent-<id>-update``, :mod:`agent.update.runner`): installs
+  assigned releases; its TUF client's refreshes and downloads run there, the main loop only hands it
+  the ``tuf-chunk`` frames of the device's own topic (before any signature check: python-tuf
+  verifies what they make up).
 * the MQTT client's own network thread (:class:`protocol.mqtt.MqttClient`), which reconnects with
   exponential backoff and jitter (``mqtt.reconnect_min`` .. ``mqtt.reconnect_max``).
 

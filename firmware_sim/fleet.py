@@ -11,7 +11,9 @@ Steps of :meth:`FleetHarness.start`:
    vendor" whose CA the server trusts);
 2. ``fleet-server init`` (the server's own CLI, in process): fleet CA, broker and server
    certificates, result-signing key, migrated database; then ``server.toml`` is rewritten with the
-   harness's timing (interval, jitter, scheduler tick...);
+   harness's timing (interval, jitter, scheduler tick...); with ``updates``, ``fleet-server updates
+   init`` and the root exported for the agents' ``[update]`` (:meth:`FleetHarness.publish_release`,
+   :meth:`~FleetHarness.assign_release` then ship releases);
 3. Mosquitto with the fleet PKI (:class:`~firmware_sim.broker.MosquittoBroker`);
 4. N :class:`~firmware_sim.device.SimulatedDevice` made in parallel (``swtpm_setup`` takes about
    0.7 s each, mostly waiting) and booted; the first ``tampered`` with ``tampered_profile``;

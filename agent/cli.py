@@ -48,7 +48,12 @@ def _run(config_path: Path) -> int:
 
     config = load_config(config_path)
     configure_logging(config.log.level, config.log.format)
-    return Agent(config).run_forever()
+    if config.update is None:
+        return Agent(config).run_forever()
+    from agent.update.reboot import CommandRebooter
+
+    # The update channel is the agent's own TUF client (update.root_file); the reboot, a command.
+    return Agent(config, rebooter=CommandRebooter(config.update.reboot_command)).run_forever()
 
 
 def _alive(pid: object) -> bool:

@@ -161,6 +161,7 @@ the configuration file loads, the TPM answers a PCR read.  That the booted slot 
 release is always checked."""
 DEFAULT_MAX_TARGET = 512 * 1024 * 1024
 DEFAULT_FLOOR_INDEX = 0x01800A02
+DEFAULT_REBOOT_COMMAND = ("systemctl", "reboot")
 NV_OWNER_RANGE = (0x01800000, 0x01BFFFFF)
 
 
@@ -189,6 +190,9 @@ class UpdateConfig:
     """Seconds after which an unanswered ``tuf-fetch`` request is sent again."""
     fetch_attempts: int = 3
     """Requests per chunk before the download fails."""
+    reboot_command: tuple[str, ...] = DEFAULT_REBOOT_COMMAND
+    """What ``edge-agent run`` executes to reboot into a trial slot or back (program and arguments,
+    no shell); programs embedding the agent pass their own rebooter instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +313,17 @@ class _Table:
             raise ConfigError(f"{self._name(key)}: an entry is repeated")
         return tuple(value)
 
+    def text_list(self, key: str, default: tuple[str, ...], *, max_items: int = 32,
+                  max_len: int = 1024) -> tuple[str, ...]:
+        """A non-empty list of non-empty strings (e.g. a command and its arguments)."""
+        value = self._take(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not value or len(value) > max_items \
+                or not all(isinstance(v, str) and v and len(v) <= max_len and "\x00" not in v for v in value):
+            raise ConfigError(f"{self._name(key)}: expected a list of 1..{max_items} non-empty strings")
+        return tuple(value)
+
     def table(self, key: str) -> _Table:
         value = self._take(key, False)
         if value is None:
@@ -418,7 +433,8 @@ def _update(t: _Table) -> UpdateConfig:
                        health_checks=t.choice_list("health_checks", HEALTH_CHECKS, choices=HEALTH_CHECKS),
                        fetch_chunk=t.integer("fetch_chunk", 256 * 1024, lo=1024, hi=256 * 1024),
                        fetch_timeout=t.seconds("fetch_timeout", 10.0, lo=0.1, hi=3600),
-                       fetch_attempts=t.integer("fetch_attempts", 3, lo=1, hi=100))
+                       fetch_attempts=t.integer("fetch_attempts", 3, lo=1, hi=100),
+                       reboot_command=t.text_list("reboot_command", DEFAULT_REBOOT_COMMAND))
     t.done()
     return out
 

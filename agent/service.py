@@ -14,6 +14,10 @@ Threads of one agent
 * **worker** (``agent-<id>-attest``): answers challenges (:mod:`agent.attest`) and publishes the
   evidence.  TPM work never runs on paho's network thread nor blocks message handling.  Only the
   latest unanswered challenge is kept: the server supersedes older ones anyway.
+* with ``[update]``, the update thread (``agent-<id>-update``, :mod:`agent.update.runner`): installs
+  assigned releases; its TUF client's refreshes and downloads run there, the main loop only hands it
+  the ``tuf-chunk`` frames of the device's own topic (before any signature check: python-tuf
+  verifies what they make up).
 * the MQTT client's own network thread (:class:`protocol.mqtt.MqttClient`), which reconnects with
   exponential backoff and jitter (``mqtt.reconnect_min`` .. ``mqtt.reconnect_max``).
 
@@ -53,7 +57,9 @@ from agent.trust import CHUNK_KIND, Channel, MessageVerifier, TrustState, load_s
 from agent.update.bootctl import Rebooter
 from agent.update.floor import TpmVersionFloor
 from agent.update.installer import HealthCheck, Installer, InstallerSettings, StatusOutbox, TargetSource
+from agent.update.mqtt_fetcher import CHUNK_KIND as TUF_CHUNK_KIND
 from agent.update.runner import UpdateRunner
+from agent.update.tuf_client import UpdateClient
 from agent.vault.vault import ModelVault
 from agent.version import agent_version
 from protocol import topics
@@ -174,6 +180,26 @@ class _Mailbox:
             self._cond.notify_all()
 
 
+class _LatePublisher:
+    """The TUF client's way out: the MQTT client of the current connection (set by ``_serve``).
+
+    The update client is built at start (its root checked early), before the connection exists; a
+    request while there is none fails like a refused publish (the fetcher reports a download error).
+    """
+
+    def __init__(self) -> None:
+        self._client: MqttClient | None = None
+
+    def attach(self, client: MqttClient | None) -> None:
+        self._client = client
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> PublishHandle:
+        client = self._client
+        if client is None:
+            raise TransportError("the agent has no MQTT connection")
+        return client.publish(topic, payload, qos)
+
+
 class Agent:
     """One device's attestation agent.  ``start()`` / ``stop()``, or ``run_forever()`` in a CLI.
 
@@ -182,7 +208,9 @@ class Agent:
     the ``agent`` logger).  No module-level state: any number of agents may run in one process.
 
     With ``[update]`` configured, ``rebooter`` (the platform's reboot: a power cycle in the simulator)
-    and ``target_source`` (the TUF client that fetches verified targets) are required; see
+    is required; ``target_source`` (what fetches verified targets) defaults to the agent's own TUF
+    client (:class:`agent.update.tuf_client.UpdateClient` on the agent's MQTT connection, trusting
+    ``update.root_file``), and must be given when no ``root_file`` is configured; see
     :mod:`agent.update.installer`.  ``rebooter.reboot`` is called on the agent's update thread and
     must return promptly (start the power cycle elsewhere); the agent does nothing more after it.
     """
@@ -222,6 +250,8 @@ class Agent:
         self._rebooter = rebooter
         self._target_source = target_source
         self._updates: UpdateRunner | None = None
+        self._tuf: UpdateClient | None = None
+        self._tuf_publisher = _LatePublisher()
         self._evidence_sent: collections.deque[bytes] = collections.deque(maxlen=EVIDENCE_REMEMBERED)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -254,13 +284,21 @@ class Agent:
         assert cfg is not None
         if cfg.boot_dir is None:
             raise ConfigError("update.boot_dir: firmware updates need the A/B boot folder")
-        if self._rebooter is None or self._target_source is None:
-            raise ConfigError("update: an agent with [update] needs a rebooter and a target source")
+        source = self._target_source
+        if source is None and cfg.root_file is not None:
+            # The device's own TUF client: built now (the root is read and checked at start), its
+            # requests go out on the MQTT connection _serve() opens; refresh and download run on the
+            # update thread, the main loop hands it the tuf-chunk frames (_handle).
+            self._tuf = UpdateClient.from_config(self.config, self._tuf_publisher, wall_clock=self._clock)
+            source = self._tuf
+        if self._rebooter is None or source is None:
+            raise ConfigError("update: an agent with [update] needs a rebooter and a target source "
+                              "(update.root_file, or one passed in)")
         folder = ensure_dir(self.config.state_dir / UPDATE_SUBDIR)
         settings = InstallerSettings(boot_dir=cfg.boot_dir, device_class=self.config.device_class,
                                      fallback_version=self.config.firmware_version,
                                      max_target_size=cfg.max_target_size, boot_tries=cfg.boot_tries)
-        installer = Installer(settings, state_dir=folder, source=self._target_source,
+        installer = Installer(settings, state_dir=folder, source=source,
                               floor=TpmVersionFloor(self._tpm_adapter, cfg.floor_nv_index),
                               rebooter=self._rebooter, outbox=StatusOutbox(folder / "outbox.json"),
                               health_checks=self._health_checks(cfg.health_checks), clock=self._clock,
@@ -502,6 +540,7 @@ class Agent:
         channel = Channel.device(device_id)
         client = self._new_client(self._identity.tls_files(self.config.mqtt.ca_cert), device_id, channel)
         self._client = client
+        self._tuf_publisher.attach(client)
         client.start()
         if self._vault is not None:
             self._vault.attach(client)
@@ -578,6 +617,10 @@ class Agent:
         vault = self._vault
         if vault is not None and inbound.topic == topics.device_down(channel.device_id, CHUNK_KIND):
             vault.on_chunk(inbound.payload)  # binary package chunk, not a signed message: the vault vets it
+            return
+        tuf = self._tuf
+        if tuf is not None and inbound.topic == topics.device_down(channel.device_id, TUF_CHUNK_KIND):
+            tuf.fetcher.deliver(inbound.payload)  # repository bytes: python-tuf verifies what they make up
             return
         try:
             envelope = self._verifier.verify(channel, inbound.topic, inbound.payload, now=self._clock())
@@ -685,6 +728,7 @@ class Agent:
         self._stop.set()
         self._mailbox.wake()
         client, self._client = self._client, None
+        self._tuf_publisher.attach(None)
         if client is not None:
             client.stop()  # also fails a publish the worker waits on
         worker = self._worker

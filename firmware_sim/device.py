@@ -292,6 +292,14 @@ class SimulatedDevice:
         profile is unchanged: the next boot measures what is on disk."""
         _write_atomic(self.image_path(component), bytes(data))
 
+    # -- provisioning ------------------------------------------------------------------------------
+    def update_table(self, root_file: Path) -> str:
+        """The ``[update]`` table of this device's agent configuration (TOML text): its A/B boot
+        folder, and ``root_file``, the update repository's root metadata the device trusts
+        (``fleet-server updates root --out FILE``)."""
+        return (f"[update]\nboot_dir = {json.dumps(str(self.boot_dir))}\n"
+                f"root_file = {json.dumps(str(Path(root_file).resolve()))}\n")
+
     # -- TPM queries -------------------------------------------------------------------------------
     def read_pcrs(self, pcrs: Iterable[int] = MEASURED_PCRS,
                   banks: Sequence[str] = DEFAULT_BANKS) -> dict[str, dict[int, bytes]]:

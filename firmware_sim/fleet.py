@@ -11,7 +11,9 @@ Steps of :meth:`FleetHarness.start`:
    vendor" whose CA the server trusts);
 2. ``fleet-server init`` (the server's own CLI, in process): fleet CA, broker and server
    certificates, result-signing key, migrated database; then ``server.toml`` is rewritten with the
-   harness's timing (interval, jitter, scheduler tick...);
+   harness's timing (interval, jitter, scheduler tick...); with ``updates``, ``fleet-server updates
+   init`` and the root exported for the agents' ``[update]`` (:meth:`FleetHarness.publish_release`,
+   :meth:`~FleetHarness.assign_release` then ship releases);
 3. Mosquitto with the fleet PKI (:class:`~firmware_sim.broker.MosquittoBroker`);
 4. N :class:`~firmware_sim.device.SimulatedDevice` made in parallel (``swtpm_setup`` takes about
    0.7 s each, mostly waiting) and booted; the first ``tampered`` with ``tampered_profile``;
@@ -161,6 +163,10 @@ class FleetConfig:
     """Prediction requests per device during the measured window (needs ``model``)."""
     query_interval: float | None = None
     """Seconds between a device's requests; default the window spread evenly (1 s without a window)."""
+    updates: bool = False
+    """Provision the devices for signed updates: ``fleet-server updates init``, the root exported to
+    ``<workdir>/update-root.json`` (:attr:`FleetHarness.update_root`), and every agent configured
+    with ``[update]`` (its device's boot folder and that root)."""
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -319,6 +325,9 @@ class FleetHarness:
         """Trusted devices whose onnxruntime could not load the model, with its reason (as the server
         received it in their ``model-status``); when not empty the run measures nothing."""
         self.started = False
+        self.update_root: Path | None = None
+        """The update repository's root metadata the agents trust (with ``updates``): set, every agent
+        configuration written from then on has ``[update]``."""
 
     # -- paths -------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> Path:
@@ -403,6 +412,8 @@ class FleetHarness:
         self._check_interrupted()
         self._start_broker()
         self._write_server_config()
+        if cfg.updates:
+            self._init_updates()
         self._make_devices(ca)
         self._check_interrupted()
         self._store_policy()
@@ -494,6 +505,17 @@ class FleetHarness:
         self._progress("fleet-server init")
         _run_cli(fleet_server, ["init", "--data-dir", str(self.data_dir), "--trust-bundle", str(ca.bundle)],
                  "fleet-server init")
+
+    def _init_updates(self) -> None:
+        """Create the update repository and export the root the devices are provisioned with."""
+        from fleet_server.cli import main as fleet_server
+
+        self._progress("fleet-server updates init")
+        config = ["--config", str(self.server_config)]
+        _run_cli(fleet_server, ["updates", "init", *config], "fleet-server updates init")
+        root = self._path("update-root.json")
+        _run_cli(fleet_server, ["updates", "root", "--out", str(root), *config], "fleet-server updates root")
+        self.update_root = root
 
     def _start_broker(self) -> None:
         self.broker = MosquittoBroker.for_data_dir(self._path("broker"), self.data_dir)
@@ -702,6 +724,8 @@ class FleetHarness:
             f"level = {_toml_str(self.config.agent_log_level)}",
             "",
         ])
+        if self.update_root is not None:
+            text += device.sim.update_table(self.update_root)
         if self.config.model is not None:
             text += "\n".join([
                 "[models]",
@@ -800,6 +824,52 @@ class FleetHarness:
             self._server_log.close()
             self._server_log = None
         self._progress("fleet server killed (SIGKILL)")
+
+    # -- releases (with ``updates``) ------------------------------------------------------------------
+    def publish_release(self, version: str, profile: str = "golden") -> str:
+        """Build ``profile``'s images at firmware ``version`` as a release bundle (what
+        ``firmware-sim release build OUT --from PROFILE --version V`` writes, into
+        ``<workdir>/releases/``) and publish it (``fleet-server release add``); its TUF target path."""
+        import json
+
+        from firmware_sim.release import build_release, from_profile
+        from fleet_server.cli import main as fleet_server
+
+        if self.update_root is None:
+            raise HarnessError("the fleet has no update repository (FleetConfig.updates)")
+        chosen = get_profile(profile)
+        bundle = self._path("releases", f"{chosen.name}-{version}")
+        bundle.parent.mkdir(exist_ok=True)
+        build_release(bundle, from_profile(chosen, version))
+        argv = ["release", "add", str(bundle), "--class", chosen.device_class, "--version", version, "--json",
+                "--config", str(self.server_config)]
+        out = _run_cli(fleet_server, argv, "fleet-server release add")
+        target = str(json.loads(out)["target"])
+        self._progress(f"release {target} published")
+        return target
+
+    def assign_release(self, target: str, device_ids: Sequence[str]) -> dict[str, str]:
+        """``fleet-server release assign``: ``{device_id: assignment_id}``."""
+        import json
+
+        from fleet_server.cli import main as fleet_server
+
+        argv = ["release", "assign", target, "--json", "--config", str(self.server_config)]
+        for device_id in device_ids:
+            argv += ["--device", device_id]
+        out = _run_cli(fleet_server, argv, "fleet-server release assign")
+        return {str(a["device_id"]): str(a["assignment_id"]) for a in json.loads(out)["assignments"]}
+
+    def assignments(self, target: str) -> dict[str, dict[str, Any]]:
+        """The assignments of release ``target`` by id (``fleet-server release show --json``: ``state``,
+        ``reason``, ``device_id``...)."""
+        import json
+
+        from fleet_server.cli import main as fleet_server
+
+        argv = ["release", "show", target, "--json", "--config", str(self.server_config)]
+        out = _run_cli(fleet_server, argv, "fleet-server release show")
+        return {str(a["assignment_id"]): dict(a) for a in json.loads(out)["assignments"]}
 
     # -- the broker --------------------------------------------------------------------------------
     def restart_broker(self) -> None:

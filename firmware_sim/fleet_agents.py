@@ -134,7 +134,8 @@ class _Host:
         self.stop([device_id for device_id, _ in entries if device_id in self.agents])
         for device_id, config_path in entries:
             config = load_config(Path(config_path))
-            agent = self._agent_type(config, logger=self._log)
+            # With [update] the agent's reboots become power cycles run by the harness (RequestedReboot).
+            agent = self._agent_type(config, logger=self._log, rebooter=self.rebooter(device_id))
             agent.start()
             self.agents[device_id] = agent
 

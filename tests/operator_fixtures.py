@@ -3,7 +3,8 @@
 * ``data_dir``: ``fleet-server init`` with the test manufacturer CA as trust bundle;
 * ``broker``: Mosquitto with the files init made (device and server listeners, device CRL), and
   ``server.toml`` pointed at its server listener;
-* ``worker``: a fleet-server worker from that ``server.toml``, connected.
+* ``worker``: a fleet-server worker from that ``server.toml``, connected, serving the update
+  repository's files over MQTT as ``fleet-server run`` does (none before ``updates init``).
 
 A test module may override ``broker`` (requesting ``broker``) to adjust ``server.toml`` before the
 worker reads it.
@@ -20,7 +21,7 @@ from firmware_sim.broker import MosquittoBroker
 from firmware_sim.manufacturer import ManufacturerCA
 from fleet_server.cli import main as fleet_server
 from fleet_server.config import load_config
-from fleet_server.service.worker import Worker
+from fleet_server.service.worker import Worker, served_update_files
 
 WAIT = 30.0
 
@@ -48,7 +49,8 @@ def broker(tmp_path: Path, data_dir: Path) -> Iterator[MosquittoBroker]:
 
 @pytest.fixture
 def worker(data_dir: Path, broker: MosquittoBroker) -> Iterator[Worker]:
-    running = Worker(load_config(data_dir / "server.toml")).start()
+    config = load_config(data_dir / "server.toml")
+    running = Worker(config, update_files=served_update_files(config)).start()
     try:
         running.wait_connected(WAIT)
         yield running

@@ -149,3 +149,22 @@ def test_run_as_a_process_attests_and_stops_cleanly_on_sigterm(
     for expected in ("agent_starting", "enrolled", "connected", "challenge_answered", "attestation_result",
                      "signal_received", "agent_stopped"):
         assert expected in events
+
+
+def test_run_with_update_builds_the_update_channel_from_root_file_and_a_reboot_command(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = tmp_path / "server.pem"
+    key.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    cfg = minimal_config(tmp_path, key)
+    (tmp_path / "boot").mkdir()
+    cfg.write_text(cfg.read_text() + '[update]\nboot_dir = "boot"\nroot_file = "update-root.json"\n'
+                   'reboot_command = ["/bin/true"]\n')
+    # `run` supplies the rebooter and the agent its own TUF client: what is left to fail is the root.
+    code, _, err = run_main(capsys, "run", "--config", str(cfg))
+    assert code == 1
+    missing = tmp_path / "update-root.json"
+    assert err.splitlines()[-1] == f"edge-agent: error: update.root_file: {missing} does not exist"

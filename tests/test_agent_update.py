@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from agent.update import bootctl
 from agent.update import installer as installer_mod
 from agent.update.floor import TpmVersionFloor
 from agent.update.installer import Installer, InstallerSettings, StatusOutbox, slot_version
+from agent.update.reboot import CommandRebooter
 from firmware_sim.swtpm import Swtpm
 from protocol.encoding import canonical_bytes
-from protocol.errors import ConfigError, EdgeError, TpmError, VerificationError
+from protocol.errors import ConfigError, EdgeError, ProcessError, TpmError, VerificationError
 from protocol.firmware_bundle import pack
 from protocol.messages import UpdateAssignment, new_message_id
 
@@ -423,6 +425,27 @@ def test_update_config_is_parsed_strictly(tmp_path: Path) -> None:
                          ({"boot_dir": "b", "reboot": True}, "update.reboot: unknown key")]:
         with pytest.raises(ConfigError, match=message):
             parse_config({**BASE, "update": bad}, base=tmp_path)
+
+
+def test_reboot_command_defaults_to_systemctl_reboot_and_is_checked(tmp_path: Path) -> None:
+    default = parse_config({**BASE, "update": {"boot_dir": "b"}}, base=tmp_path).update
+    assert default is not None and default.reboot_command == ("systemctl", "reboot")
+    custom = parse_config({**BASE, "update": {"boot_dir": "b", "reboot_command": ["/sbin/reboot", "-f"]}},
+                          base=tmp_path).update
+    assert custom is not None and custom.reboot_command == ("/sbin/reboot", "-f")
+    for bad in ([], "systemctl reboot", ["systemctl", ""], ["systemctl", 1]):
+        with pytest.raises(ConfigError, match=r"update\.reboot_command: expected a list of 1\.\.32"):
+            parse_config({**BASE, "update": {"boot_dir": "b", "reboot_command": bad}}, base=tmp_path)
+
+
+def test_command_rebooter_runs_the_command_without_waiting_and_reports_a_missing_one(tmp_path: Path) -> None:
+    marker = tmp_path / "rebooted"
+    rebooter = CommandRebooter([sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x')"])
+    rebooter.reboot("update 1.3.0: boot the trial slot")
+    assert rebooter.process is not None and rebooter.process.wait(30) == 0
+    assert marker.read_text() == "x"
+    with pytest.raises(ProcessError, match="cannot run the reboot command"):
+        CommandRebooter(["/nonexistent/reboot"]).reboot("update")
 
 
 @pytest.mark.swtpm

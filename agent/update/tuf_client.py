@@ -171,6 +171,8 @@ class UpdateClient:
             raise UpdateVerificationError(f"{what}: refused by TUF: {_message(exc)}") from None
         except DownloadError as exc:
             raise UpdateError(f"{what}: {_message(exc)}") from None
+        except ValueError as exc:  # python-tuf's refusal of an argument it cannot use
+            raise UpdateError(f"{what}: {_message(exc)}") from None
         except OSError as exc:
             raise StorageError(f"{what}: {exc.strerror or exc}") from None
 

@@ -28,6 +28,7 @@ MODULES: tuple[str, ...] = (
     "model_bench",
     "unlock_bench",
     "console_bench",
+    "update_bench",
     "fleet_bench",
 )
 

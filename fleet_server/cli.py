@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "token": "token_cmd",
     "audit": "audit_cmd",
     "updates": "updates_cmd",
+    "release": "release_cmd",
 }
 
 

@@ -175,7 +175,10 @@ def load_bundle_folder(path: Path) -> tuple[dict[str, JsonValue], dict[str, byte
         raise ReleaseError(f"{folder}: a bundle folder holds exactly {RELEASE_FILE}, {REFERENCE_VALUES_FILE} "
                            f"and {IMAGES_DIR}/ (found {', '.join(sorted(entries)[:8]) or 'nothing'})")
     raw_manifest = _read_json(folder / RELEASE_FILE)
-    manifest = ReleaseManifest.from_json(raw_manifest)
+    try:
+        manifest = ReleaseManifest.from_json(raw_manifest)
+    except ReleaseError as exc:
+        raise ReleaseError(f"{folder / RELEASE_FILE}: {exc.diagnostics()}") from None
     images = folder / IMAGES_DIR
     if images.is_symlink() or not images.is_dir():
         raise ReleaseError(f"{images} is not a folder")

@@ -359,7 +359,7 @@ def test_update_config_is_parsed_strictly(tmp_path: Path) -> None:
     default = parse_config({**BASE, "update": {"boot_dir": "/boot/edge"}}, base=tmp_path).update
     assert default is not None and default.health_checks == HEALTH_CHECKS
     assert parse_config(BASE, base=tmp_path).update is None
-    for bad, message in [({}, "update.boot_dir: missing"),
+    for bad, message in [({}, "update: needs boot_dir"),
                          ({"boot_dir": "b", "health_checks": ["disk"]},
                           "update.health_checks: 'disk' is not"),
                          ({"boot_dir": "b", "max_target_size": 10}, "update.max_target_size: 10 is outside"),

@@ -24,7 +24,8 @@ from fleet_server.console.audit import AuditLog, Checkpointing, cli_actor
 from fleet_server.storage.db import create_engine
 from fleet_server.storage.repo import Repository
 
-pytest.register_assert_rewrite("server_fixtures")
+pytest.register_assert_rewrite("server_fixtures", "release_fixtures")
+from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
 from server_fixtures import insert_pending_device  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("quiet_root_logging")
@@ -51,6 +52,8 @@ NOT_ADMIN_ACTIONS: dict[Command, str] = {
     ("audit", "verify"): "read-only",
     ("updates", "status"): "read-only",
     ("updates", "root"): "writes the public root metadata to a file",
+    ("release", "list"): "read-only",
+    ("release", "show"): "read-only",
 }
 
 
@@ -112,6 +115,11 @@ def _signed_elsewhere(env: Env) -> str:
     out = env.tmp / "models.signed.json"
     out.write_bytes(sign_exported(repo.export("models"), key)[1])
     return str(out)
+def _bundle(env: Env) -> str:
+    return str(write_bundle_dir(env.tmp / "bundle-1.3.0"))
+
+
+RELEASE = "firmware/edge-camera/1.3.0.fwb"
 
 
 def _c(env: Env) -> list[str]:
@@ -138,6 +146,14 @@ AUDITED: dict[Command, Case] = {
         "device.preregister", lambda env: "ek:"),  # the fingerprint: checked as a prefix
     ("device", "approve"): Case(lambda env: ["device", "approve", "cam-9", *_c(env)], "device.approve",
                                 _fixed("device:cam-9")),
+    ("release", "add"): Case(
+        lambda env: ["release", "add", _bundle(env), "--class", "edge-camera", "--version", "1.3.0",
+                     *_c(env)],
+        "release.add", _fixed(f"release:{RELEASE}")),
+    ("release", "assign"): Case(lambda env: ["release", "assign", RELEASE, "--device", "cam-9", *_c(env)],
+                                "release.assign", _fixed(f"release:{RELEASE}")),
+    ("release", "withdraw"): Case(lambda env: ["release", "withdraw", RELEASE, *_c(env)], "release.withdraw",
+                                  _fixed(f"release:{RELEASE}")),
     ("device", "quarantine"): Case(lambda env: ["device", "quarantine", "cam-9", *_c(env)],
                                    "device.quarantine", _fixed("device:cam-9")),
     ("device", "unquarantine"): Case(lambda env: ["device", "unquarantine", "cam-9", *_c(env)],
@@ -228,6 +244,10 @@ def test_every_state_changing_command_writes_its_audit_entry(
     repo = Repository(engine)
     audit = AuditLog(engine, Checkpointing.from_settings(config.audit))
     insert_pending_device(repo, "cam-9")
+    from fleet_server.commands import release_cmd
+
+    store = MemoryTargetStore()
+    monkeypatch.setattr(release_cmd, "target_store_factory", lambda config: store)
     actor = cli_actor()
     assert actor.startswith("cli:")
     try:

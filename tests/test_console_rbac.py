@@ -46,10 +46,12 @@ FLEET_ADMIN = {"fleet:approve", "fleet:revoke", "fleet:quarantine", "fleet:reatt
 # The issue's matrix, written out independently of fleet_server.console.rbac.
 EXPECTED_RIGHTS: dict[str, set[str]] = {
     "data_scientist": {"model:read", "model:write", "fleet:view"},
-    "ml_engineer": {"model:read", "model:write", "model:delete", "model:deploy", "fleet:view"},
+    "ml_engineer": {"model:read", "model:write", "model:delete", "model:deploy", "fleet:view",
+                    "fleet:deploy"},
     "security": {"model:read", "fleet:view", "audit:view", "alerts:manage"} | FLEET_ADMIN,
-    "production_system": {"model:read", "model:deploy", "fleet:view"},
-    "admin": MODEL | FLEET_ADMIN | {"fleet:view", "audit:view", "alerts:manage", "users:manage"},
+    "production_system": {"model:read", "model:deploy", "fleet:view", "fleet:deploy"},
+    "admin": MODEL | FLEET_ADMIN | {"fleet:view", "fleet:deploy", "audit:view", "alerts:manage",
+                                    "users:manage"},
 }
 
 # What each console route requires (a change here is a deliberate change of the access model).
@@ -76,6 +78,8 @@ CONSOLE_ROUTES: dict[str, Declared] = {
     "policies.detail": Right.VIEW_FLEET,
     "policies.new": Right.EDIT_POLICIES,
     "policies.create": Right.EDIT_POLICIES,
+    "releases.index": Right.VIEW_FLEET,
+    "releases.detail": Right.VIEW_FLEET,
     "models.index": Right.MODEL_READ,
     "models.detail": Right.MODEL_READ,
     "models.publish": Right.MODEL_WRITE,
@@ -120,6 +124,9 @@ API_ROUTES: dict[str, Declared] = {
     "api.list_policies": Right.VIEW_FLEET,
     "api.get_policy": Right.VIEW_FLEET,
     "api.create_policy": Right.EDIT_POLICIES,
+    "api.list_releases": Right.VIEW_FLEET,
+    "api.get_release": Right.VIEW_FLEET,
+    "api.assign_release": Right.DEPLOY,
     "api.list_models": Right.MODEL_READ,
     "api.get_model": Right.MODEL_READ,
     "api.get_version": Right.MODEL_READ,

@@ -73,6 +73,7 @@ __all__ = [
     "ChallengeRecord",
     "FailingEvent",
     "appraise",
+    "first_event_difference",
 ]
 
 TRUSTED = "trusted"
@@ -222,6 +223,15 @@ def _explain(bank: str, pcr: int, policy: ReferencePolicy, parsed: EventLog | No
     refs: tuple[ReferenceEvent, ...] = policy.events_by_pcr.get(pcr, ())
     if not refs:  # a value-only reference: there is nothing to compare events with
         return f"{label}: value differs from reference (the policy has no reference events for it)", None
+    found = _walk(label, pcr, policy, parsed)
+    if found is not None:
+        return found
+    return f"{label}: value differs from reference, but its events match the reference events", None
+
+
+def _walk(label: str, pcr: int, policy: ReferencePolicy, parsed: EventLog) -> tuple[str, FailingEvent] | None:
+    """The first of the device's events of ``pcr`` that differs from the policy's, or None."""
+    refs: tuple[ReferenceEvent, ...] = policy.events_by_pcr.get(pcr, ())
     ref_bank = policy.bank
     device: list[Event] = [ev for ev in parsed.events
                            if ev.pcr == pcr and extends_pcr(ev) and ref_bank in ev.digests]
@@ -241,7 +251,22 @@ def _explain(bank: str, pcr: int, policy: ReferencePolicy, parsed: EventLog | No
             desc = event_description(ev)
             return (f'{label}: {name} (event {ev.index}, "{desc}") differs from reference',
                     FailingEvent(pcr, ev.index, name, desc, "changed"))
-    return f"{label}: value differs from reference, but its events match the reference events", None
+    return None
+
+
+def first_event_difference(policy: ReferencePolicy, parsed: EventLog) -> tuple[str, FailingEvent] | None:
+    """The first event of ``parsed`` (in PCR order) that differs from ``policy``'s reference events.
+
+    An event-level match, stricter than comparing PCR values: equal values already imply equal
+    digest sequences, but not equal event *types* (the type is not extended; TCG PFP 10.4.1), and a
+    release's reference values name every event of its boot.  PCRs without reference events are
+    value-only references and are skipped.  Returns the reason and the blamed event, or None.
+    """
+    for pcr in sorted(policy.events_by_pcr):
+        found = _walk(_label(policy.bank, pcr, policy), pcr, policy, parsed)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_policy(policy: ReferencePolicy, pcrs: Mapping[str, Mapping[int, bytes]], parsed: EventLog | None,

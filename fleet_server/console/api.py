@@ -46,11 +46,12 @@ from fleet_server.keys import ResultSigner
 from fleet_server.modelstore import admin as model_admin
 from fleet_server.modelstore.policy import policy_from_text
 from fleet_server.modelstore.store import PackageStore, Published
-from fleet_server.service import admin
+from fleet_server.service import admin, releases
 from fleet_server.storage import alerting
 from fleet_server.storage.model_repo import EntitlementRecord, LeaseRecord, LoadRecord, VersionRecord
 from fleet_server.storage.model_tables import EntitlementKind
 from fleet_server.storage.models import DeviceState
+from fleet_server.storage.release_repo import ReleaseRecord
 from fleet_server.storage.repo import DeviceRecord, PolicyHeader, PolicyRecord
 from fleet_server.verifier.eventlog import parse_eventlog
 from protocol.errors import ConfigError, EdgeError, MalformedInputError
@@ -301,12 +302,21 @@ def device_json(d: DeviceRecord, svc: ConsoleServices) -> dict[str, Any]:
             "ak_name": identity.ak_name, "ak_key": identity.ak_key, "ak_sha256": identity.ak_sha256},
         "onnxruntime": None if runtime is None else {"version": runtime[0], "reported_at": runtime[1]},
         "model_loads": [load_json(x) for x in svc.repo.models.loads(device_id=d.id)],
+        **device_release_json(svc, d.id),
     }
 
 
 def load_json(r: LoadRecord) -> dict[str, Any]:
     return {"device_id": r.device_id, "name": r.name, "version": r.version, "state": r.state,
             "error": r.error, "onnxruntime": r.onnxruntime, "reported_at": r.reported_at}
+
+
+def device_release_json(svc: ConsoleServices, device_id: str) -> dict[str, Any]:
+    """The release a device's evidence last matched, and its newest assignment (update progress)."""
+    running = svc.repo.releases.attested_release(device_id)
+    newest = svc.repo.releases.assignments(device_id=device_id, limit=1)
+    return {"release": None if running is None else running.target,
+            "update": releases.assignment_json(newest[0]) if newest else None}
 
 
 def attestation_json(a: AttestationRow) -> dict[str, Any]:
@@ -644,6 +654,74 @@ def create_policy() -> tuple[Response, int]:
     record = svc.repo.policy(policy_id=stored.id)
     assert record is not None
     return _ok(policy_json(record), 201)
+
+
+# --------------------------------------------------------------------------------------------------
+# releases
+# --------------------------------------------------------------------------------------------------
+MAX_ASSIGN_DEVICES = 1000
+
+
+def _release(release_id: int) -> ReleaseRecord:
+    found = services().repo.releases.release_by_id(release_id)
+    if found is None:
+        fail(404, f"no release {release_id}")
+    return found
+
+
+def _release_json(rec: ReleaseRecord) -> dict[str, Any]:
+    return {"id": rec.id, **releases.release_json(rec)}
+
+
+@bp.get("/releases")
+@require(Right.VIEW_FLEET)
+def list_releases() -> tuple[Response, int]:
+    Query()
+    return _ok({"items": [_release_json(r) for r in services().repo.releases.releases()]})
+
+
+@bp.get(f"/releases/<{ID}:release_id>")
+@require(Right.VIEW_FLEET)
+def get_release(release_id: int) -> tuple[Response, int]:
+    limit = Query("limit").limit()
+    rec = _release(release_id)
+    assignments = services().repo.releases.assignments(release_id=rec.id, limit=limit)
+    return _ok({**_release_json(rec), "assignments": [releases.assignment_json(a) for a in assignments]})
+
+
+def _seconds(body: Body, key: str, default: float) -> float:
+    value = body.value.get(key, default)
+    if (not isinstance(value, int | float) or isinstance(value, bool)
+            or not 0 <= value <= releases.MAX_DEADLINE_S):
+        fail(400, f"{key!r}: a number of seconds from 0 to {releases.MAX_DEADLINE_S:.0f}")
+    return float(value)
+
+
+@bp.post(f"/releases/<{ID}:release_id>/assign")
+@require(Right.DEPLOY)
+def assign_release(release_id: int) -> tuple[Response, int]:
+    Query()
+    svc, principal = services(), _principal()
+    body = Body("devices", "deadline_s", "grace_s")
+    devices = body.value.get("devices")
+    if (not isinstance(devices, list) or not devices or len(devices) > MAX_ASSIGN_DEVICES
+            or not all(isinstance(d, str) and DEVICE_ID_RE.fullmatch(d) for d in devices)):
+        fail(400, f"'devices': a list of 1-{MAX_ASSIGN_DEVICES} device ids")
+    deadline_s = _seconds(body, "deadline_s", releases.DEFAULT_DEADLINE_S)
+    grace_s = _seconds(body, "grace_s", releases.DEFAULT_GRACE_S)
+    rec = _release(release_id)
+    try:
+        done = releases.assign_release(svc.repo, rec.target, devices, signer=_signer(svc), now=svc.now(),
+                                       deadline_s=deadline_s, grace_s=grace_s, actor=principal.actor)
+    except releases.ReleaseError as exc:
+        fail(409, exc.diagnostics())
+    except MalformedInputError as exc:
+        fail(400, exc.diagnostics())
+    svc.record(principal, "release.assign", f"release:{rec.target}",
+               {"devices": [a.device_id for a in done], "deadline": done[0].deadline,
+                "assignments": [a.assignment_id for a in done]})
+    return _ok({"target": rec.target, "assignments": [
+        {"assignment_id": a.assignment_id, "device_id": a.device_id, "deadline": a.deadline} for a in done]})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -141,6 +141,13 @@ def _detail(device_id: str, *, error: str | None = None, status: int = 200) -> t
     history = svc.repo.state_history(device_id, limit=30)
     attestations = svc.repo.attestations(device_id, limit=20)
     record, policy = policy_for(svc.repo, device)
+    running = svc.repo.releases.attested_release(device_id)
+    if running is not None:  # the device runs a release: its events are marked against the release's
+        try:
+            policy = ReferencePolicy.from_json(json.loads(running.reference))
+        except (EdgeError, ValueError):
+            policy = None
+    newest = svc.repo.releases.assignments(device_id=device_id, limit=1)
     reasons = attestations[0].reasons if attestations else device.state_reasons
     events: list[MarkedEvent] = []
     log_error = None
@@ -158,7 +165,8 @@ def _detail(device_id: str, *, error: str | None = None, status: int = 200) -> t
         problems=sum(1 for e in events if e.status in ("differs", "extra", "missing")),
         model_rows=svc.queries.device_model_rows(device_id), alerts=alerts,
         runtime=svc.repo.models.runtime(device_id), model_loads=svc.repo.models.loads(device_id=device_id),
-        attested=device.state in ATTESTED_STATES, error=error,
+        attested=device.state in ATTESTED_STATES, error=error, running=running,
+        update=newest[0] if newest else None,
         done=DONE_MESSAGES.get(request.args.get("done", "")),
         reason_max=MAX_REASON), status
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from fleet_server.console.rbac import AUTHENTICATED, PUBLIC, Declared, Right
 from fleet_server.storage.models import AlertStatus, DeviceState
+from fleet_server.storage.release_tables import AssignmentState
 from protocol.messages import OUTPUT_MODES
 
 __all__ = ["OPERATIONS", "PREFIX", "SCHEMAS", "Operation", "document"]
@@ -121,12 +122,33 @@ SCHEMAS: dict[str, Schema] = {
         "onnxruntime": {**nullable(obj({"version": STR, "reported_at": TIME})),
                         "description": "the inference runtime the device's agent reports"},
         "model_loads": array(ref("ModelLoad")),
+        "release": {**nullable(STR),
+                    "description": "the release (TUF target) its last trusted evidence matched"},
+        "update": {**nullable(ref("Assignment")), "description": "its newest release assignment"},
     }),
     "ModelLoad": obj({"device_id": DEVICE_ID, "name": MODEL_NAME, "version": STR,
                       "state": {"type": "string", "enum": ["loaded", "failed"]},
                       "error": {**STR, "description": "onnxruntime's own reason when the load failed"},
                       "onnxruntime": STR, "reported_at": TIME},
                      description="a device's latest report of loading one model version"),
+    "Assignment": obj({"assignment_id": STR, "device_id": STR, "target": STR, "version": STR,
+                       "state": {"type": "string", "enum": [s.value for s in AssignmentState]},
+                       "reason": STR, "deadline": TIME, "created_at": TIME, "updated_at": TIME,
+                       "committed_at": nullable(TIME), "grace_until": nullable(TIME)}),
+    "Release": obj({"id": INT, "target": STR, "device_class": STR, "version": STR,
+                    "state": {"type": "string", "enum": ["active", "withdrawn"]}, "bundle_sha256": HEX,
+                    "bundle_length": COUNT, "reference_sha256": HEX, "created_at": TIME, "created_by": STR,
+                    "withdrawn_at": nullable(TIME)}),
+    "ReleaseList": obj({"items": array(ref("Release"))}),
+    "NewAssignment": obj({"devices": array(DEVICE_ID, minItems=1, maxItems=1000),
+                          "deadline_s": {"type": "number", "minimum": 0, "maximum": 30 * 86_400,
+                                         "description": "seconds to commit (default 3600)"},
+                          "grace_s": {"type": "number", "minimum": 0, "maximum": 30 * 86_400,
+                                      "description": "seconds the previous values stay acceptable after "
+                                                     "the commit (default 86400)"}},
+                         required=["devices"]),
+    "Assigned": obj({"target": STR, "assignments": array(obj({"assignment_id": STR, "device_id": STR,
+                                                               "deadline": TIME}))}),
     "Attestation": obj({"id": INT, "device_id": STR, "challenge_id": STR, "issued_at": TIME,
                         "received_at": TIME, "stored_at": TIME, "latency_ms": INT,
                         "verdict": STR, "reasons": array(STR), "evidence_sha256": HEX,
@@ -242,6 +264,7 @@ P_POLICY = path_param("policy_id", ID_SCHEMA, 1)
 P_MODEL = path_param("name", {"type": "string", "maxLength": 200}, "classifier")
 P_VERSION = path_param("version", {"type": "string", "maxLength": 64}, "1.0.0")
 P_ALERT = path_param("alert_id", ID_SCHEMA, 1)
+P_RELEASE = path_param("release_id", ID_SCHEMA, 1)
 P_KIND = path_param("kind", {"type": "string", "maxLength": 16}, "class", "`device` or `class`")
 P_SUBJECT = path_param("subject", {"type": "string", "maxLength": 200}, "edge-camera",
                        "the device id or device class")
@@ -327,6 +350,18 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=(409,)),
     Operation("get", "/policies/{policy_id}", "api.get_policy", Right.VIEW_FLEET, "policies",
               "One policy with its reference values and events", (200, "PolicyDetail"), (P_POLICY,)),
+    # releases
+    Operation("get", "/releases", "api.list_releases", Right.VIEW_FLEET, "releases",
+              "Firmware releases, newest first", (200, "ReleaseList")),
+    Operation("get", "/releases/{release_id}", "api.get_release", Right.VIEW_FLEET, "releases",
+              "One release with its assignments (installation progress per device)", (200, "ReleaseDetail"),
+              (P_RELEASE, LIMIT)),
+    Operation("post", "/releases/{release_id}/assign", "api.assign_release", Right.DEPLOY, "releases",
+              "Assign a release to devices of its class (a signed UpdateAssignment is queued for each)",
+              (200, "Assigned"), (P_RELEASE,), "NewAssignment", errors=(409,),
+              description="The release's reference values are accepted for a device from now until the "
+                          "deadline, and for good once it commits; what it ran before stays acceptable "
+                          "until the commit plus the grace."),
     # models
     Operation("get", "/models", "api.list_models", Right.MODEL_READ, "models", "Published models",
               (200, "ModelList")),
@@ -397,6 +432,8 @@ OPERATIONS: tuple[Operation, ...] = (
               "Verify the audit log's hash chain", (200, "AuditReport")),
 )
 
+SCHEMAS["ReleaseDetail"] = obj({**SCHEMAS["Release"]["properties"], "assignments": array(ref("Assignment"))},
+                               description="A release with its newest assignments.")
 SCHEMAS["PolicyDetail"] = obj({**SCHEMAS["PolicyHeader"]["properties"], "reference": FREE_OBJECT},
                               description="A policy with its reference document (values and events).")
 
@@ -407,6 +444,7 @@ ERROR_TEXT = {400: "Invalid input (the detail names the parameter or key)", 401:
 
 TAGS = (("meta", "The description and the caller"), ("devices", "Devices and the fleet actions on them"),
         ("attestations", "Appraisal results"), ("policies", "Reference values"),
+        ("releases", "Firmware releases and their assignment to devices"),
         ("models", "Protected models: publishing, policies, entitlements, retirement"),
         ("alerts", "Alerts and their handling"), ("audit", "The hash-chained audit log"))
 

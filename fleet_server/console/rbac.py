@@ -60,6 +60,7 @@ class Right(StrEnum):
     QUARANTINE = "fleet:quarantine"
     REATTEST = "fleet:reattest"
     EDIT_POLICIES = "fleet:edit_policies"
+    DEPLOY = "fleet:deploy"  # assign firmware releases to devices
     VIEW_FLEET = "fleet:view"
     # administration
     MANAGE_ALERTS = "alerts:manage"
@@ -82,6 +83,7 @@ _GRANTS: dict[Right, tuple[Role, ...]] = {
     Right.QUARANTINE:        (SEC, ADM),
     Right.REATTEST:          (SEC, ADM),
     Right.EDIT_POLICIES:     (SEC, ADM),
+    Right.DEPLOY:            (MLE, PROD, ADM),
     Right.VIEW_FLEET:        (DS, MLE, SEC, PROD, ADM),
     Right.MANAGE_ALERTS:     (SEC, ADM),
     Right.VIEW_AUDIT:        (SEC, ADM),

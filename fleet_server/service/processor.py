@@ -36,6 +36,7 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +55,16 @@ from fleet_server.appraisal.appraise import (
     ChallengeRecord,
     appraise,
 )
+from fleet_server.appraisal.policy import ReferencePolicy
+from fleet_server.appraisal.releases import (
+    ASSIGNED,
+    CURRENT,
+    PREVIOUS,
+    AssignmentTerms,
+    Candidate,
+    candidate_roles,
+    choose,
+)
 from fleet_server.enrollment.credential import make_credential
 from fleet_server.enrollment.request import EnrollmentCandidate, check_enrollment_request, expected_proof
 from fleet_server.service.common import Counters, Outgoing, format_event, log_event
@@ -61,8 +72,11 @@ from fleet_server.service.context import ServiceContext
 from fleet_server.service.crl import record_issued
 from fleet_server.service.models import MODEL_KINDS, ModelService
 from fleet_server.service.policies import ANY_CLASS, MAX_AGE_S, PolicyResolver
+from fleet_server.service.releases import status_problem
 from fleet_server.service.tuf_files import TUF_KINDS, RepositoryFiles, TufFileService
 from fleet_server.storage.models import ATTESTED_STATES, HELD_STATES, ChallengeStatus, DeviceState
+from fleet_server.storage.release_repo import ReleaseContext, ReleaseRecord
+from fleet_server.storage.release_tables import AssignmentState
 from fleet_server.storage.repo import (
     AppraisedDevice,
     EnrollmentSessionRecord,
@@ -96,6 +110,7 @@ from protocol.messages import (
     Evidence,
     Message,
     Revocation,
+    UpdateStatus,
     decode_plain,
     new_message_id,
 )
@@ -109,9 +124,11 @@ KIND_HELLO = "hello"
 KIND_EVIDENCE = "evidence"
 KIND_REQUEST = "request"
 KIND_PROOF = "proof"
+KIND_UPDATE_STATUS = "update-status"
 DEVICE_KINDS: dict[str, tuple[type[Message], int]] = {
     KIND_HELLO: (AttestRequest, MAX_PLAIN_MESSAGE),
     KIND_EVIDENCE: (Evidence, MAX_EVIDENCE_MESSAGE),
+    KIND_UPDATE_STATUS: (UpdateStatus, MAX_PLAIN_MESSAGE),
     **MODEL_KINDS,  # model-fetch, key-request, telemetry, model-status: fleet_server/service/models.py
     **TUF_KINDS,  # tuf-fetch: fleet_server/service/tuf_files.py
 }
@@ -127,6 +144,7 @@ DOWN_REVOCATION = "revocation"
 DEDUP_SIZE = 100_000
 AK_CACHE_SIZE = 5000
 BOOT_CACHE_SIZE = 5000
+RELEASE_POLICY_CACHE_SIZE = 256
 QUARANTINE_REASON = "device is quarantined by an administrator"
 
 
@@ -193,6 +211,8 @@ class _EvidencePlan:
     appraisal: Appraisal
     policy_id: int | None
     policy_name: str | None
+    candidate: Candidate
+    releases: ReleaseContext | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +300,8 @@ class Processor:
         # device id -> BootState with its derived data (parsed log, replayer): content-checked by
         # log_sha256 against the database on every use, so it can never be stale.
         self._boots = _Lru(boot_cache_size)
+        # reference_sha256 of a release -> its parsed reference values (content-addressed: never stale)
+        self._release_policies = _Lru(RELEASE_POLICY_CACHE_SIZE)
         self._lock = threading.Lock()
         self.models = ModelService(ctx, repo, counters)
         self.tuf = TufFileService(repo, counters, update_files)
@@ -342,6 +364,7 @@ class Processor:
         prepared = _Effects()  # rejections found before the transaction (no rollback can undo them)
         evidence = [i for i in items if i.kind == KIND_EVIDENCE]
         hellos = [i for i in items if i.kind == KIND_HELLO]
+        statuses = [i for i in items if i.kind == KIND_UPDATE_STATUS]
         work: list[Inbound | _EnrollPlan] = []
         for item in items:
             if item.kind == KIND_REQUEST:
@@ -358,12 +381,14 @@ class Processor:
                     self._handle_evidence(tx, evidence, now, effects)
                 if hellos:
                     self._handle_hellos(tx, hellos, now, effects)
+                if statuses:
+                    self._handle_statuses(tx, statuses, now, effects)
                 for unit in work:
                     self._apply_one(tx, unit, now, effects)
         except Exception as exc:
             self.counters.add("batch.retried")
             log_event(log, logging.WARNING, "batch_retried", messages=len(items), error=_describe(exc))
-            effects = self._fallback([*evidence, *hellos, *work], now)
+            effects = self._fallback([*evidence, *hellos, *statuses, *work], now)
         out = self._finish(prepared, effects, now)
         model_items = [i for i in items if i.kind in MODEL_KINDS]
         if model_items:  # own transaction (key requests, telemetry) or a read (downloads)
@@ -385,6 +410,8 @@ class Processor:
                         self._handle_evidence(tx, [unit], now, fx)
                     elif isinstance(unit, Inbound) and unit.kind == KIND_HELLO:
                         self._handle_hellos(tx, [unit], now, fx)
+                    elif isinstance(unit, Inbound) and unit.kind == KIND_UPDATE_STATUS:
+                        self._handle_statuses(tx, [unit], now, fx)
                     else:
                         self._apply_one(tx, unit, now, fx)
             except Exception as exc:
@@ -463,9 +490,114 @@ class Processor:
         contexts = tx.evidence_contexts([i.envelope.message.challenge_id  # type: ignore[attr-defined]
                                          for i in items])
         self.policies.refresh_if_older(MAX_AGE_S, tx.active_policies)
-        self._apply_evidence(tx, self._prepare_evidence(tx, items, contexts, fx), now, fx)
+        releases = tx.releases.release_contexts(sorted({c.device_id for c in contexts.values()}))
+        self._apply_evidence(tx, self._prepare_evidence(tx, items, contexts, releases, now, fx), now, fx)
+
+    # -- reference values: the administrator's policies and releases -------------------------------
+    def _release_policy(self, release: ReleaseRecord) -> ReferencePolicy | None:
+        """The parsed reference values of ``release`` (None if they are unusable: logged)."""
+        cached: ReferencePolicy | None = self._release_policies.get(release.reference_sha256)
+        if cached is not None:
+            return cached
+        try:
+            parsed = ReferencePolicy.from_json(json.loads(release.reference))
+        except (EdgeError, ValueError) as exc:
+            detail = exc.diagnostics() if isinstance(exc, EdgeError) else str(exc)
+            log_event(log, logging.ERROR, "release_reference_unusable", release=release.target, error=detail)
+            return None
+        self._release_policies.put(release.reference_sha256, parsed)
+        return parsed
+
+    def _admin_candidate(self, role: str, device_class: str, firmware_version: str) -> Candidate:
+        header = self.policies.header(device_class, firmware_version)
+        return Candidate(role=role, policy=self.policies.policy(header), device_class=device_class,
+                         firmware_version=firmware_version, policy_id=None if header is None else header.id,
+                         name="" if header is None else header.name)
+
+    def _release_candidate(self, role: str, release: ReleaseRecord | None, ctx_class: str,
+                           ctx_version: str) -> Candidate:
+        if release is None:  # pragma: no cover - foreign keys keep assignments' releases
+            return Candidate(role=role, policy=None, device_class=ctx_class, firmware_version=ctx_version)
+        return Candidate(role=role, policy=self._release_policy(release), device_class=release.device_class,
+                         firmware_version=release.version, release=release.target, release_id=release.id,
+                         name=release.target)
+
+    def _candidates(self, device_class: str, firmware_version: str, releases: ReleaseContext | None,
+                    now: int) -> list[Candidate]:
+        """The reference values the device may match now (fleet_server.appraisal.releases)."""
+        assignment = releases.assignment if releases is not None else None
+        if releases is None or assignment is None:
+            return [self._admin_candidate(CURRENT, device_class, firmware_version)]
+        terms = AssignmentTerms(assignment.state, assignment.deadline, assignment.grace_until)
+        out: list[Candidate] = []
+        for role in candidate_roles(now, terms):
+            if role == ASSIGNED:
+                out.append(self._release_candidate(ASSIGNED, releases.releases.get(assignment.release_id),
+                                                   device_class, firmware_version))
+            elif assignment.previous_release_id is not None:
+                out.append(self._release_candidate(
+                    PREVIOUS, releases.releases.get(assignment.previous_release_id), device_class,
+                    firmware_version))
+            else:
+                out.append(self._admin_candidate(PREVIOUS, assignment.previous_class,
+                                                 assignment.previous_version))
+        return out
+
+    def _appraise_candidate(self, candidate: Candidate, *, ak: AttestationKey, record: ChallengeRecord,
+                            evidence: Evidence, previous: BootState | None) -> Appraisal:
+        policy = candidate.policy
+        # A class-independent policy ("any") is not compared with the device's class.
+        any_class = policy is not None and policy.device_class == ANY_CLASS
+        return appraise(ak=ak, challenge=record, evidence=evidence, previous=previous, policy=policy,
+                        allow_sha1=self.ctx.settings.allow_sha1,
+                        device_class=None if any_class else candidate.device_class,
+                        firmware_version=candidate.firmware_version)
+
+    def _selection(self, device_class: str, firmware_version: str, releases: ReleaseContext | None,
+                   now: int) -> Mapping[str, tuple[int, ...]]:
+        """The PCRs to quote: those of every reference values the device may match now."""
+        candidates = self._candidates(device_class, firmware_version, releases, now)
+        if len(candidates) == 1 and candidates[0].role == CURRENT:
+            return self.policies.selection(device_class, firmware_version)
+        merged: dict[str, set[int]] = {}
+        for cand in candidates:
+            selection = (cand.policy.selection if cand.policy is not None
+                         else self.policies.selection(cand.device_class, cand.firmware_version))
+            for bank, pcrs in selection.items():
+                merged.setdefault(bank, set()).update(pcrs)
+        return {bank: tuple(sorted(pcrs)) for bank, pcrs in sorted(merged.items())}
+
+    # -- update status -----------------------------------------------------------------------------
+    def _handle_statuses(self, tx: Tx, items: list[Inbound], now: int, fx: _Effects) -> None:
+        """Record installation progress (UpdateStatus) in the device's assignment, strictly: an
+        unknown assignment, another device's, a step back or out of a final state is refused."""
+        for item in items:
+            status = item.envelope.message
+            assert isinstance(status, UpdateStatus)
+            try:
+                assignment = tx.releases.assignment(status.assignment_id, lock=True)
+                if assignment is None or assignment.device_id != item.device_id:
+                    raise Rejected("assignment_unknown", f"no assignment {status.assignment_id} of device "
+                                                         f"{item.device_id}")
+                attested = tx.releases.attested_releases([item.device_id]).get(item.device_id)
+                problem = status_problem(assignment, state=status.state, target=status.target,
+                                         reason=status.reason, attested_release_id=attested)
+                if problem is not None:
+                    raise Rejected("update_status_refused", problem)
+            except Rejected as exc:
+                fx.reject(item, exc)
+                continue
+            committed = status.state == AssignmentState.COMMITTED
+            tx.releases.set_assignment_state(
+                assignment.id, state=status.state, reason=status.reason, now=now,
+                committed_at=now if committed else None,
+                grace_until=now + assignment.grace_ms if committed else None)
+            fx.counters[f"update.{status.state}"] += 1
+            fx.event(logging.INFO, "update_status", device=item.device_id, assignment=assignment.id,
+                     target=assignment.target, state=status.state, reason=status.reason[:160])
 
     def _prepare_evidence(self, tx: Tx, items: list[Inbound], contexts: Mapping[str, EvidenceContext],
+                          releases: Mapping[str, ReleaseContext], now: int,
                           fx: _Effects) -> list[_EvidencePlan]:
         plans: list[_EvidencePlan] = []
         taken: set[str] = set()
@@ -475,17 +607,14 @@ class Processor:
             try:
                 ctx = self._check_challenge(item, evidence, contexts.get(evidence.challenge_id), taken)
                 ak = self._attestation_key(ctx.ak_public)
-                header = self.policies.header(ctx.device_class, ctx.firmware_version)
-                policy = self.policies.policy(header)
                 record = ChallengeRecord(ctx.challenge_id, ctx.nonce, ctx.selection, ctx.issued_at,
                                          ctx.deadline)
-                # A class-independent policy ("any") is not compared with the device's class.
-                any_class = policy is not None and policy.device_class == ANY_CLASS
-                device_class = None if any_class else ctx.device_class
-                appraisal = appraise(ak=ak, challenge=record, evidence=evidence,
-                                     previous=self._previous_boot(tx, ctx), policy=policy,
-                                     allow_sha1=self.ctx.settings.allow_sha1, device_class=device_class,
-                                     firmware_version=ctx.firmware_version)
+                previous = self._previous_boot(tx, ctx)
+                device_releases = releases.get(ctx.device_id)
+                candidates = self._candidates(ctx.device_class, ctx.firmware_version, device_releases,
+                                              item.received_at)
+                choice = choose(candidates, functools.partial(
+                    self._appraise_candidate, ak=ak, record=record, evidence=evidence, previous=previous))
             except Rejected as exc:
                 fx.reject(item, exc)
                 continue
@@ -493,8 +622,9 @@ class Processor:
                 fx.reject(item, Rejected("unusable_state", exc.diagnostics()))
                 continue
             taken.add(ctx.challenge_id)
-            plans.append(_EvidencePlan(item, evidence, ctx, appraisal, None if header is None else header.id,
-                                       None if header is None else header.name))
+            chosen = choice.candidate
+            plans.append(_EvidencePlan(item, evidence, ctx, choice.appraisal, chosen.policy_id,
+                                       chosen.name or None, chosen, device_releases))
         return plans
 
     @staticmethod
@@ -547,6 +677,10 @@ class Processor:
                 new_state, verdict = DeviceState.QUARANTINED, UNTRUSTED
                 reasons.insert(0, QUARANTINE_REASON)
             changed = new_state != ctx.device_state
+            release = ""
+            if verdict == TRUSTED:
+                self._follow_attested_state(tx, plan, now, fx)
+                release = plan.candidate.release
             evidence_sha256 = hashlib.sha256(plan.item.payload).digest()
             boot = appraisal.boot
             reset: int | None
@@ -590,7 +724,8 @@ class Processor:
                                     AttestationResult(challenge_id=ctx.challenge_id, verdict=verdict,
                                                       reasons=_bounded(reasons), expires=expires,
                                                       evidence_sha256=evidence_sha256,
-                                                      lease_until=lease_until if verdict == TRUSTED else 0),
+                                                      lease_until=lease_until if verdict == TRUSTED else 0,
+                                                      release=release),
                                     "attestation.result"))
             appraised.append((ctx.device_id, ctx.device_class, verdict == TRUSTED))
             fx.counters[f"verdict.{verdict}"] += 1
@@ -607,6 +742,26 @@ class Processor:
         # Leases renewed or revoked with the verdicts; model offers go out after the results.
         fx.replies += [Reply(n.topic, n.aud, n.message, n.kind)
                        for n in self.models.on_appraised(tx, appraised, now)]
+
+    @staticmethod
+    def _follow_attested_state(tx: Tx, plan: _EvidencePlan, now: int, fx: _Effects) -> None:
+        """After a trusted verdict: the device runs what its evidence matched. Its firmware version
+        and class follow the matched release (or, back on what it ran before an assignment, that),
+        and the matched release is recorded."""
+        ctx, cand = plan.ctx, plan.candidate
+        if cand.role == CURRENT:
+            return
+        attested = plan.releases.attested_release_id if plan.releases is not None else None
+        if cand.release_id is not None and attested != cand.release_id:
+            tx.releases.set_attested_release(ctx.device_id, cand.release_id, now)
+        elif cand.release_id is None and attested is not None:
+            tx.releases.clear_attested_release(ctx.device_id)
+        if (ctx.device_class, ctx.firmware_version) != (cand.device_class, cand.firmware_version):
+            tx.update_device(ctx.device_id, {"device_class": cand.device_class,
+                                             "firmware_version": cand.firmware_version, "updated_at": now})
+            fx.event(logging.INFO, "firmware_attested", device=ctx.device_id,
+                     from_version=ctx.firmware_version, to_version=cand.firmware_version,
+                     release=cand.release or "-")
 
     def _rechallenge(self, tx: Tx, plan: _EvidencePlan, now: int, fx: _Effects) -> None:
         """The device rebooted since the held log: its log continuation cannot be judged. Instead of
@@ -637,6 +792,7 @@ class Processor:
         challenges, one ``executemany`` per kind of write."""
         self.policies.refresh_if_older(MAX_AGE_S, tx.active_policies)
         contexts = tx.hello_contexts([i.device_id for i in items])
+        releases = tx.releases.release_contexts([i.device_id for i in items])
         issued: dict[str, tuple[NewChallenge, Mapping[str, tuple[int, ...]]]] = {}
         schedule: list[tuple[str, int, int | None]] = []
         for item in items:
@@ -656,7 +812,8 @@ class Processor:
                     fx.replies.append(Reply(topics.device_down(item.device_id, DOWN_CHALLENGE),
                                             item.device_id, challenge_message(new, selection), "challenge"))
                     continue
-                made = self._hello(tx, item, request, hello, now, fx, schedule)
+                made = self._hello(tx, item, request, hello, releases.get(item.device_id), now, fx,
+                                   schedule)
             except Rejected as exc:
                 fx.reject(item, exc)
                 continue
@@ -668,8 +825,9 @@ class Processor:
         if schedule:
             tx.set_schedule(schedule)
 
-    def _hello(self, tx: Tx, item: Inbound, request: AttestRequest, hello: HelloContext, now: int,
-               fx: _Effects, schedule: list[tuple[str, int, int | None]]
+    def _hello(self, tx: Tx, item: Inbound, request: AttestRequest, hello: HelloContext,
+               releases: ReleaseContext | None, now: int, fx: _Effects,
+               schedule: list[tuple[str, int, int | None]]
                ) -> tuple[NewChallenge, Mapping[str, tuple[int, ...]]] | None:
         """One ``attest.request``: re-send a fresh open challenge, or defer (rate limit), or make a
         new challenge (returned; the caller writes it)."""
@@ -710,7 +868,7 @@ class Processor:
             raise Rejected("rate_limited", f"device {item.device_id} asked for a challenge "
                                            f"{now - hello.last_challenge_at} ms after the previous one; "
                                            "deferred to the scheduler")
-        selection = self.policies.selection(hello.device_class, hello.firmware_version)
+        selection = self._selection(hello.device_class, hello.firmware_version, releases, now)
         new = NewChallenge(id=new_message_id(), device_id=item.device_id, nonce=self.ctx.token(32),
                            selection=selection_json(selection), issued_at=now,
                            deadline=now + settings.challenge_timeout_ms, cause=request.reason,

@@ -52,6 +52,7 @@ from fleet_server.service.tuf_files import RepositoryFiles
 from fleet_server.storage.db import create_engine, describe_url
 from fleet_server.storage.repo import Repository
 from fleet_server.updates.renewer import UpdateRenewer
+from fleet_server.updates.repository import UpdateRepository
 from protocol import topics
 from protocol.errors import EdgeError
 from protocol.mqtt import MqttClient, TlsFiles
@@ -277,13 +278,22 @@ class Worker:
 
 # --------------------------------------------------------------------------------------------------
 # processes
+def served_update_files(config: ServerConfig) -> RepositoryFiles:
+    """The update repository's published files as ``fleet-server run`` serves them over MQTT.
+
+    Read per request from ``[updates] dir``: a repository initialised (or re-signed) while the
+    workers run is served without a restart; before ``updates init`` every fetch is ``not_found``.
+    """
+    return UpdateRepository(config.updates.dir, config.updates, clock=time.time)
+
+
 # --------------------------------------------------------------------------------------------------
 def _child_main(config_path: str, index: int) -> None:
     """Entry point of a worker process (spawned: nothing is inherited but the arguments)."""
     config = load_config(Path(config_path))
     configure_logging(config.log_level, config.log_file)
     try:
-        status = Worker(config, index=index).run_forever()
+        status = Worker(config, index=index, update_files=served_update_files(config)).run_forever()
     except EdgeError as exc:
         log_event(log, logging.ERROR, "worker_failed", index=index, error=exc.diagnostics())
         status = 1
@@ -380,7 +390,7 @@ def run_workers(config_path: Path, config: ServerConfig, *, workers: int | None 
     tuf_renewer = UpdateRenewer(config).start()
     try:
         if count <= 1:
-            return Worker(config).run_forever(stop=stop)
+            return Worker(config, update_files=served_update_files(config)).run_forever(stop=stop)
         return _Supervisor(config_path, count, stop).run()
     finally:
         tuf_renewer.stop()

@@ -53,6 +53,7 @@ from fleet_server.storage import alerting, models
 from fleet_server.storage.db import storage_error, write_connection
 from fleet_server.storage.model_repo import ModelReads, ModelTx
 from fleet_server.storage.models import ATTESTED_STATES, ChallengeStatus, DeviceState
+from fleet_server.storage.release_repo import ReleaseReads, ReleaseTx
 from protocol.errors import StorageError
 
 _TABLES = models.SQLModel.metadata.tables
@@ -645,6 +646,11 @@ class Tx:
         """The model-protection tables in this transaction (:mod:`fleet_server.storage.model_repo`)."""
         return ModelTx(self.conn)
 
+    @property
+    def releases(self) -> ReleaseTx:
+        """The release tables in this transaction (:mod:`fleet_server.storage.release_repo`)."""
+        return ReleaseTx(self.conn)
+
     # -- generic -----------------------------------------------------------------------------------
     def _all(self, stmt: Any, params: Mapping[str, Any] | None = None) -> Sequence[Row[Any]]:
         return self.conn.execute(stmt, params or {}).all()
@@ -1032,6 +1038,11 @@ class Repository:
     def models(self) -> ModelReads:
         """Reads of the model-protection tables (:mod:`fleet_server.storage.model_repo`)."""
         return ModelReads(self.engine)
+
+    @property
+    def releases(self) -> ReleaseReads:
+        """Reads of the release tables (:mod:`fleet_server.storage.release_repo`)."""
+        return ReleaseReads(self.engine)
 
     # -- devices -----------------------------------------------------------------------------------
     def crl_serials(self, now: int) -> list[str]:

@@ -58,8 +58,7 @@ def test_refresh_and_download_a_verified_target(
     worker = make_worker(repository)
     device = make_tuf_device("dev-a")
     client = device.update_client()
-    client.refresh()
-    target = client.fetch_target(TARGET, max_length=1 << 20)
+    target = client.fetch_target(TARGET, max_length=1 << 20)  # refreshes first
     assert target.path == TARGET and target.data == IMAGE
     assert dict(target.custom) == {"version": "1.3.0", "hardware_class": "edge-camera"}
     assert list(device.fetcher.fetched) == [
@@ -96,7 +95,7 @@ def test_tampered_and_overlong_targets_are_refused(
     before = device.fetcher.requests
     with pytest.raises(UpdateVerificationError, match="DownloadLengthMismatchError: Downloaded 11264 bytes "
                                                       "exceeding the maximum allowed length of 10240"):
-        client.fetch_target(TARGET, max_length=1 << 20)
+        client.fetch_target(TARGET, max_length=1 << 20, refresh=False)
     assert device.fetcher.requests - before == len(IMAGE) // 1024 + 1
 
 
@@ -111,7 +110,7 @@ def test_missing_files_and_no_repository_are_clean_errors(
     repository.target_file(TARGET).unlink()  # listed in the signed metadata, but not served
     with pytest.raises(UpdateError, match=r"downloading target .*: DownloadHTTPError: .*not in the update "
                                           "repository") as info:
-        client.fetch_target(TARGET, max_length=1 << 20)
+        client.fetch_target(TARGET, max_length=1 << 20, refresh=False)
     assert not isinstance(info.value, UpdateVerificationError)
     wait_until(lambda: worker.counters.get("tuf.not_found") == 2, what="two not_found answers")
     worker.stop()
@@ -137,7 +136,8 @@ def test_metadata_persists_across_restarts_and_rollbacks_are_refused(
     second = device.update_client()
     second.refresh()
     assert list(device.fetcher.fetched) == ["metadata/2.root.json", "metadata/timestamp.json"]
-    assert second.fetch_target(TARGET, max_length=1 << 20).data == IMAGE  # firmware.json from the cache
+    # firmware.json from the cache
+    assert second.fetch_target(TARGET, max_length=1 << 20, refresh=False).data == IMAGE
     assert list(device.fetcher.fetched)[2:] == [
         f"targets/firmware/edge-camera/{hashlib.sha256(IMAGE).hexdigest()}.1.3.0.fwb"]
     # The repository moves on, the device follows; then the old timestamp is replayed: refused
@@ -150,7 +150,7 @@ def test_metadata_persists_across_restarts_and_rollbacks_are_refused(
         third.refresh()
     # ... and a client whose refresh failed downloads nothing on the metadata of its earlier refresh.
     with pytest.raises(UpdateVerificationError, match="refused by TUF: BadVersionNumberError"):
-        third.fetch_target(TARGET, max_length=1 << 20)
+        third.fetch_target(TARGET, max_length=1 << 20, refresh=False)
 
 
 def test_held_devices_are_refused(

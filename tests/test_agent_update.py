@@ -215,14 +215,6 @@ def test_bootloader_counter_exhausted_is_reported_as_rolled_back(device: Device)
 
 
 # -- refusals: nothing written ---------------------------------------------------------------------
-def _untouched(dev: Device, before: dict[str, bytes]) -> None:
-    assert dev.slot_files("a") == before
-    assert not bootctl.slot_dir(dev.boot, "b").exists()
-    assert bootctl.read(dev.boot).trial is None
-    assert sorted(p.name for p in dev.boot.iterdir()) == ["bootctl.json", "slot-a"]
-    assert dev.rebooter.reasons == []
-
-
 @pytest.mark.swtpm
 @pytest.mark.parametrize(("case", "reason"), [
     ("wrong class", "is for hardware class 'doorbell', this device is 'camera'"),
@@ -253,7 +245,7 @@ def test_assignment_that_does_not_fit_fails_with_nothing_written(device: Device,
     device.installer.on_assignment(a)
     last = device.last()
     assert last.state == "failed" and reason in last.reason, last.reason
-    _untouched(device, before)
+    device.assert_untouched(before)
 
 
 @pytest.mark.swtpm
@@ -264,7 +256,7 @@ def test_older_or_equal_version_fails_before_download(device: Device, version: s
     assert device.states() == ["failed"]
     assert f"version {version} is not newer than the running {RUNNING}" == device.last().reason
     assert device.source.fetched == []
-    _untouched(device, before)
+    device.assert_untouched(before)
 
 
 @pytest.mark.swtpm
@@ -286,7 +278,7 @@ def test_nv_floor_refuses_a_rollback_after_state_files_are_restored_from_a_backu
     device.installer.on_assignment(assignment("1.2.5", path=old))
     last = device.last()
     assert last.state == "failed" and "below the anti-rollback floor 1.3.0 kept in TPM NV" in last.reason
-    _untouched(device, before)
+    device.assert_untouched(before)
     # the committed release itself and anything newer still install
     device.installer.on_assignment(assignment("1.3.0", path=path))
     assert device.states()[-3:] == ["downloading", "installed", "rebooting"]

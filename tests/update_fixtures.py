@@ -216,6 +216,19 @@ class BootDevice:
         folder = bootctl.slot_dir(self.boot, slot)
         return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
 
+    def boot_files(self) -> dict[str, bytes]:
+        """Every file of the boot folder (both slots and ``bootctl.json``) by its relative path."""
+        return {str(p.relative_to(self.boot)): p.read_bytes() for p in sorted(self.boot.rglob("*"))
+                if p.is_file()}
+
+    def assert_untouched(self, slot_a: dict[str, bytes]) -> None:
+        """Nothing was written: slot a as before, no slot b, no trial, no reboot asked."""
+        assert self.slot_files("a") == slot_a
+        assert not bootctl.slot_dir(self.boot, "b").exists()
+        assert bootctl.read(self.boot).trial is None
+        assert sorted(p.name for p in self.boot.iterdir()) == ["bootctl.json", "slot-a"]
+        assert self.rebooter.reasons == []
+
 
 @pytest.fixture
 def tpm(swtpm: Swtpm, tmp_path: Path) -> Iterator[TpmAdapter]:

@@ -12,15 +12,19 @@ key that may stay on the server, the served folder) or the device's state files,
 offline keys.  Each test also shows the legitimate path still working where that is what the
 protection must not break.
 
-How the tests were checked to fail without their protection (run once, then reverted):
+How the tests were checked to fail without their protection (each run once with a throwaway pytest
+plugin, ``-p``, that patched the check away; nothing of it is kept):
 
-* signature thresholds (``test_online_keys_alone_cannot_ship_firmware``, the first test): with
-  ``tuf.api.metadata.Root.verify_delegate`` and ``Targets.verify_delegate`` patched to do nothing
-  (a throwaway pytest plugin), every case except the swapped bytes installs the attacker's release
-  and the tests fail on ``state == "failed"``;
-* the TPM NV floor (``test_an_older_release_is_refused_even_after_the_state_files_are_restored``):
-  with ``TpmVersionFloor.minimum`` returning None, the restored device installs 1.2.5 and the test
-  fails on the reason.
+* signature thresholds: with ``tuf.api.metadata.Root.verify_delegate`` and
+  ``Targets.verify_delegate`` doing nothing, ``test_online_keys_alone_cannot_ship_firmware``
+  [unsigned firmware, one firmware key, own key delegated] installs the attacker's (well-formed)
+  bundle: ``rebooting`` instead of ``failed``.  (The first test still passes then: a version short
+  of its threshold is not even published by the server.)
+* expiry: with ``tuf.api.metadata.Signed.is_expired`` always False,
+  ``test_a_timestamp_past_its_expiry_is_refused`` installs from the frozen repository.
+* the TPM NV floor: with ``TpmVersionFloor.minimum`` returning None,
+  ``test_an_older_release_is_refused_even_after_the_state_files_are_restored`` installs 1.2.5 on the
+  restored device.
 """
 
 from __future__ import annotations
@@ -211,7 +215,7 @@ def test_online_keys_alone_cannot_ship_firmware(fleet: Fleet, tmp_path: Path, at
     offline(updates, FIRMWARE, 1, tmp_path / "offline-firmware")
     offline(updates, "targets", 0, tmp_path / "offline-targets")
     path = target_path("1.3.0")
-    evil = bundle("1.3.0") + b"backdoor"
+    evil = pack({"device_class": CLASS, "version": "1.3.0"}, {"rootfs.img": b"backdoor"})  # well-formed
     digest = TargetFile.from_data(path, evil, ["sha256"]).hashes["sha256"]
     firmware = updates.open(FIRMWARE)
     firmware.signed.version += 1

@@ -8,10 +8,9 @@ and the anti-rollback floor is in a real swtpm's NV.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,20 @@ from typing import Any
 import pytest
 
 from agent.config import DEFAULT_FLOOR_INDEX, HEALTH_CHECKS, parse_config
-from agent.log import EventLogger
 from agent.tpm.adapter import TpmAdapter
 from agent.update import bootctl
 from agent.update import installer as installer_mod
 from agent.update.floor import TpmVersionFloor
-from agent.update.installer import Installer, InstallerSettings, StatusOutbox, slot_version
+from agent.update.installer import StatusOutbox, slot_version
 from agent.update.reboot import CommandRebooter
-from firmware_sim.swtpm import Swtpm
-from protocol.encoding import canonical_bytes
 from protocol.errors import ConfigError, EdgeError, ProcessError, TpmError, VerificationError
 from protocol.firmware_bundle import pack
 from protocol.messages import UpdateAssignment, new_message_id
+
+pytest.register_assert_rewrite("update_fixtures")
+from update_fixtures import BootDevice  # noqa: E402
+
+pytest_plugins = ("update_fixtures",)  # the tpm fixture
 
 CLASS = "camera"
 RUNNING = "1.2.0"
@@ -62,14 +63,6 @@ class MemorySource:
         return target
 
 
-@dataclass
-class RecordingRebooter:
-    reasons: list[str] = field(default_factory=list)
-
-    def reboot(self, reason: str) -> None:
-        self.reasons.append(reason)
-
-
 def target_path(version: str, cls: str = CLASS) -> str:
     return f"firmware/{cls}/{version}.fwb"
 
@@ -91,63 +84,14 @@ def assignment(version: str, *, path: str | None = None, deadline: int = DEADLIN
                             version=version, deadline=deadline)
 
 
-class Device:
-    """A boot folder with the factory release in slot a, the agent's state folder, and the TPM."""
+class Device(BootDevice):
+    """A boot device whose update channel is an in-memory :class:`MemorySource`."""
+
+    source: MemorySource
 
     def __init__(self, root: Path, tpm: TpmAdapter, *, checks: list[tuple[str, Any]] | None = None) -> None:
-        self.root = root
-        self.boot = root / "boot"
-        self.state = root / "state" / "update"
-        self.tpm = tpm
-        self.source = MemorySource()
-        self.rebooter = RecordingRebooter()
-        self.now = NOW
-        self.checks = checks or []
-        slot_a = bootctl.slot_dir(self.boot, "a")
-        slot_a.mkdir(parents=True)
-        (slot_a / "firmware.bin").write_bytes(b"factory firmware")
-        release = canonical_bytes({"device_class": CLASS, "version": RUNNING})
-        (slot_a / bootctl.RELEASE_FILE).write_bytes(release)
-        bootctl.choose_boot_slot(self.boot)
-        self.installer = self.new_installer()
-
-    def new_installer(self) -> Installer:
-        settings = InstallerSettings(boot_dir=self.boot, device_class=CLASS, fallback_version="0.0.1",
-                                     max_target_size=1 << 20)
-        return Installer(settings, state_dir=self.state, source=self.source,
-                         floor=TpmVersionFloor(lambda: self.tpm), rebooter=self.rebooter,
-                         outbox=StatusOutbox(self.state / "outbox.json"), health_checks=self.checks,
-                         clock=lambda: self.now, log=EventLogger(logging.getLogger("test.update")))
-
-    def power_cycle(self) -> bootctl.BootControl:
-        """The bootloader picks a slot, the agent starts again (state read back from the files)."""
-        ctl = bootctl.choose_boot_slot(self.boot)
-        self.installer = self.new_installer()
-        self.installer.on_boot()
-        return ctl
-
-    def states(self) -> list[str]:
-        return [s.state for s in self.installer.outbox.statuses()]
-
-    def last(self) -> Any:
-        return self.installer.outbox.statuses()[-1]
-
-    def trusted(self, release: str, *, this_boot: bool = True) -> None:
-        self.installer.on_verdict(verdict="trusted", release=release, reasons=(), this_boot=this_boot)
-
-    def slot_files(self, slot: str) -> dict[str, bytes]:
-        folder = bootctl.slot_dir(self.boot, slot)
-        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
-
-
-@pytest.fixture
-def tpm(swtpm: Swtpm, tmp_path: Path) -> Iterator[TpmAdapter]:
-    adapter = TpmAdapter(swtpm.tcti, tmp_path / "tpm-state")
-    adapter.open()
-    try:
-        yield adapter
-    finally:
-        adapter.close()
+        super().__init__(root, tpm, MemorySource(), device_class=CLASS, running=RUNNING, now=NOW,
+                         checks=checks)
 
 
 @pytest.fixture
@@ -273,14 +217,6 @@ def test_bootloader_counter_exhausted_is_reported_as_rolled_back(device: Device)
 
 
 # -- refusals: nothing written ---------------------------------------------------------------------
-def _untouched(dev: Device, before: dict[str, bytes]) -> None:
-    assert dev.slot_files("a") == before
-    assert not bootctl.slot_dir(dev.boot, "b").exists()
-    assert bootctl.read(dev.boot).trial is None
-    assert sorted(p.name for p in dev.boot.iterdir()) == ["bootctl.json", "slot-a"]
-    assert dev.rebooter.reasons == []
-
-
 @pytest.mark.swtpm
 @pytest.mark.parametrize(("case", "reason"), [
     ("wrong class", "is for hardware class 'doorbell', this device is 'camera'"),
@@ -311,7 +247,7 @@ def test_assignment_that_does_not_fit_fails_with_nothing_written(device: Device,
     device.installer.on_assignment(a)
     last = device.last()
     assert last.state == "failed" and reason in last.reason, last.reason
-    _untouched(device, before)
+    device.assert_untouched(before)
 
 
 @pytest.mark.swtpm
@@ -322,7 +258,7 @@ def test_older_or_equal_version_fails_before_download(device: Device, version: s
     assert device.states() == ["failed"]
     assert f"version {version} is not newer than the running {RUNNING}" == device.last().reason
     assert device.source.fetched == []
-    _untouched(device, before)
+    device.assert_untouched(before)
 
 
 @pytest.mark.swtpm
@@ -344,7 +280,7 @@ def test_nv_floor_refuses_a_rollback_after_state_files_are_restored_from_a_backu
     device.installer.on_assignment(assignment("1.2.5", path=old))
     last = device.last()
     assert last.state == "failed" and "below the anti-rollback floor 1.3.0 kept in TPM NV" in last.reason
-    _untouched(device, before)
+    device.assert_untouched(before)
     # the committed release itself and anything newer still install
     device.installer.on_assignment(assignment("1.3.0", path=path))
     assert device.states()[-3:] == ["downloading", "installed", "rebooting"]

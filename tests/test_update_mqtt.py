@@ -13,35 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import stat
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from firmware_sim.broker import BrokerPki, MosquittoBroker
-from firmware_sim.manufacturer import ManufacturerCA
-from fleet_server.config import ServerConfig
 from fleet_server.service.common import ManualClock
-from fleet_server.service.context import ServiceContext
-from fleet_server.service.tuf_files import RepositoryFiles
-from fleet_server.service.worker import Worker
 from fleet_server.storage.models import DeviceState
-from fleet_server.storage.repo import NewDevice, Repository
+from fleet_server.storage.repo import Repository
 from protocol import topics
 from protocol.errors import TransportError, UpdateError, UpdateVerificationError
 from protocol.messages import TufFetch, encode_plain, new_message_id
-from protocol.mqtt import MqttClient
 
-pytest.register_assert_rewrite("mqtt_fixtures", "server_fixtures", "tuf_fixtures")
-from mqtt_fixtures import WAIT, ClientFactory, Credentials, wait_until  # noqa: E402
-from server_fixtures import make_config  # noqa: E402
+pytest.register_assert_rewrite("mqtt_fixtures", "tuf_fixtures", "update_fixtures")
+from mqtt_fixtures import WAIT, wait_until  # noqa: E402
 from tuf_fixtures import TestRepository  # noqa: E402
+from update_fixtures import TufDeviceFactory, WorkerFactory, insert_devices  # noqa: E402
 
-from agent.update.mqtt_fetcher import CHUNK_KIND, MqttFetcher  # noqa: E402
-from agent.update.tuf_client import UpdateClient, measure_refresh_ms  # noqa: E402
+from agent.update.mqtt_fetcher import CHUNK_KIND  # noqa: E402
+from agent.update.tuf_client import measure_refresh_ms  # noqa: E402
 
-pytest_plugins = ("mqtt_fixtures", "server_fixtures")
+pytest_plugins = ("mqtt_fixtures", "server_fixtures", "update_fixtures")
 pytestmark = pytest.mark.mqtt
 
 TARGET = "firmware/edge-camera/1.3.0.fwb"
@@ -55,113 +46,19 @@ def repository(tmp_path: Path) -> TestRepository:
     return repo
 
 
-WorkerFactory = Callable[[RepositoryFiles | None], Worker]
-
-
 @pytest.fixture
-def make_worker(server_config: ServerConfig, fleet_pki: BrokerPki, manufacturer_ca: ManufacturerCA,
-                mqtt_broker: MosquittoBroker, ctx: ServiceContext,
-                repo: Repository) -> Iterator[WorkerFactory]:
-    assert mqtt_broker.port is not None
-    config = make_config(server_config.data_dir, fleet_pki, manufacturer_ca.bundle, port=mqtt_broker.port,
-                         database_url=server_config.database_url)
-    made: list[Worker] = []
-
-    def factory(files: RepositoryFiles | None) -> Worker:
-        worker = Worker(config, ctx=ctx, repo=repo, update_files=files).start()
-        made.append(worker)
-        worker.wait_connected(WAIT)
-        return worker
-
-    try:
-        yield factory
-    finally:
-        for worker in made:
-            worker.stop()
-
-
-def _devices(repo: Repository, clock: ManualClock, **states: DeviceState) -> None:
-    now = clock.now_ms()
-    with repo.write() as tx:
-        for device_id, state in states.items():
-            tx.insert_device(NewDevice(
-                id=device_id, state=state, device_class="edge-camera", firmware_version="1.2.0", ek_cert=b"c",
-                ek_fingerprint=hashlib.sha256(device_id.encode()).hexdigest(), ek_public=b"e", ak_public=b"a",
-                ak_name=b"n", csr=None, enroll_request_id=None, cert_serial=None, now=now,
-                next_attestation_at=now + 3_600_000), cause="test")
-
-
-class Device:
-    """A device's MQTT connection with the agent's receive loop reduced to what updates need: every
-    ``tuf-chunk`` frame goes to the fetcher, every topic received is recorded."""
-
-    def __init__(self, client: MqttClient, device_id: str, state_dir: Path, root: bytes,
-                 **options: object) -> None:
-        self.client, self.device_id, self.state_dir, self.root = client, device_id, state_dir, root
-        self.options = options
-        self.topics: list[str] = []
-        self.fetcher = self._fetcher()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _fetcher(self) -> MqttFetcher:
-        self.options.setdefault("chunk", 1024)
-        self.options.setdefault("timeout", WAIT)
-        return MqttFetcher(self.client, self.device_id, **self.options)  # type: ignore[arg-type]
-
-    def _pump(self) -> None:
-        chunk_topic = topics.device_down(self.device_id, CHUNK_KIND)
-        while not self._stop.is_set():
-            inbound = self.client.receive(0.1)
-            if inbound is None:
-                continue
-            self.topics.append(inbound.topic)
-            if inbound.topic == chunk_topic:
-                self.fetcher.deliver(inbound.payload)
-
-    def update_client(self) -> UpdateClient:
-        """A new UpdateClient on the same state folder and a new fetcher (an agent restart)."""
-        self.fetcher = self._fetcher()
-        return UpdateClient(metadata_dir=self.state_dir / "tuf", root=self.root, fetcher=self.fetcher)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-DeviceFactory = Callable[..., Device]
-
-
-@pytest.fixture
-def make_device(make_client: ClientFactory, credentials: Credentials, tmp_path: Path,
-                repository: TestRepository) -> Iterator[DeviceFactory]:
-    made: list[Device] = []
-
-    def factory(device_id: str, *, extra_filters: tuple[str, ...] = (), **options: object) -> Device:
-        client = make_client(credentials.device(device_id), client_id=device_id,
-                             subscriptions=(topics.device_down_filter(device_id), *extra_filters))
-        device = Device(client, device_id, tmp_path / f"state-{device_id}", repository.root_bytes(),
-                        **options)
-        made.append(device)
-        return device
-
-    try:
-        yield factory
-    finally:
-        for device in made:
-            device.stop()
+def tuf_root(repository: TestRepository) -> bytes:
+    return repository.root_bytes()
 
 
 def test_refresh_and_download_a_verified_target(
-        make_worker: WorkerFactory, make_device: DeviceFactory, repository: TestRepository, repo: Repository,
-        clock: ManualClock) -> None:
-    _devices(repo, clock, **{"dev-a": DeviceState.TRUSTED})
+        make_worker: WorkerFactory, make_tuf_device: TufDeviceFactory, repository: TestRepository,
+        repo: Repository, clock: ManualClock) -> None:
+    insert_devices(repo, clock, **{"dev-a": DeviceState.TRUSTED})
     worker = make_worker(repository)
-    device = make_device("dev-a")
+    device = make_tuf_device("dev-a")
     client = device.update_client()
-    client.refresh()
-    target = client.fetch_target(TARGET, max_length=1 << 20)
+    target = client.fetch_target(TARGET, max_length=1 << 20)  # refreshes first
     assert target.path == TARGET and target.data == IMAGE
     assert dict(target.custom) == {"version": "1.3.0", "hardware_class": "edge-camera"}
     assert list(device.fetcher.fetched) == [
@@ -182,11 +79,11 @@ def test_refresh_and_download_a_verified_target(
 
 
 def test_tampered_and_overlong_targets_are_refused(
-        make_worker: WorkerFactory, make_device: DeviceFactory, repository: TestRepository, repo: Repository,
-        clock: ManualClock) -> None:
-    _devices(repo, clock, **{"dev-a": DeviceState.UNTRUSTED})  # an untrusted device may update
+        make_worker: WorkerFactory, make_tuf_device: TufDeviceFactory, repository: TestRepository,
+        repo: Repository, clock: ManualClock) -> None:
+    insert_devices(repo, clock, **{"dev-a": DeviceState.UNTRUSTED})  # an untrusted device may update
     make_worker(repository)
-    device = make_device("dev-a")
+    device = make_tuf_device("dev-a")
     client = device.update_client()
     client.refresh()
     repository.write_target_file(TARGET, IMAGE[:-1] + b"\0")  # same length, one byte changed
@@ -198,22 +95,22 @@ def test_tampered_and_overlong_targets_are_refused(
     before = device.fetcher.requests
     with pytest.raises(UpdateVerificationError, match="DownloadLengthMismatchError: Downloaded 11264 bytes "
                                                       "exceeding the maximum allowed length of 10240"):
-        client.fetch_target(TARGET, max_length=1 << 20)
+        client.fetch_target(TARGET, max_length=1 << 20, refresh=False)
     assert device.fetcher.requests - before == len(IMAGE) // 1024 + 1
 
 
 def test_missing_files_and_no_repository_are_clean_errors(
-        make_worker: WorkerFactory, make_device: DeviceFactory, repository: TestRepository, repo: Repository,
-        clock: ManualClock) -> None:
-    _devices(repo, clock, **{"dev-a": DeviceState.ENROLLED})
+        make_worker: WorkerFactory, make_tuf_device: TufDeviceFactory, repository: TestRepository,
+        repo: Repository, clock: ManualClock) -> None:
+    insert_devices(repo, clock, **{"dev-a": DeviceState.ENROLLED})
     worker = make_worker(repository)
-    device = make_device("dev-a")
+    device = make_tuf_device("dev-a")
     client = device.update_client()
     client.refresh()
     repository.target_file(TARGET).unlink()  # listed in the signed metadata, but not served
     with pytest.raises(UpdateError, match=r"downloading target .*: DownloadHTTPError: .*not in the update "
                                           "repository") as info:
-        client.fetch_target(TARGET, max_length=1 << 20)
+        client.fetch_target(TARGET, max_length=1 << 20, refresh=False)
     assert not isinstance(info.value, UpdateVerificationError)
     wait_until(lambda: worker.counters.get("tuf.not_found") == 2, what="two not_found answers")
     worker.stop()
@@ -225,11 +122,11 @@ def test_missing_files_and_no_repository_are_clean_errors(
 
 
 def test_metadata_persists_across_restarts_and_rollbacks_are_refused(
-        make_worker: WorkerFactory, make_device: DeviceFactory, repository: TestRepository, repo: Repository,
-        clock: ManualClock) -> None:
-    _devices(repo, clock, **{"dev-a": DeviceState.TRUSTED})
+        make_worker: WorkerFactory, make_tuf_device: TufDeviceFactory, repository: TestRepository,
+        repo: Repository, clock: ManualClock) -> None:
+    insert_devices(repo, clock, **{"dev-a": DeviceState.TRUSTED})
     make_worker(repository)
-    device = make_device("dev-a")
+    device = make_tuf_device("dev-a")
     first = device.update_client()
     first.refresh()
     first.fetch_target(TARGET, max_length=1 << 20)
@@ -239,7 +136,8 @@ def test_metadata_persists_across_restarts_and_rollbacks_are_refused(
     second = device.update_client()
     second.refresh()
     assert list(device.fetcher.fetched) == ["metadata/2.root.json", "metadata/timestamp.json"]
-    assert second.fetch_target(TARGET, max_length=1 << 20).data == IMAGE  # firmware.json from the cache
+    # firmware.json from the cache
+    assert second.fetch_target(TARGET, max_length=1 << 20, refresh=False).data == IMAGE
     assert list(device.fetcher.fetched)[2:] == [
         f"targets/firmware/edge-camera/{hashlib.sha256(IMAGE).hexdigest()}.1.3.0.fwb"]
     # The repository moves on, the device follows; then the old timestamp is replayed: refused
@@ -252,32 +150,32 @@ def test_metadata_persists_across_restarts_and_rollbacks_are_refused(
         third.refresh()
     # ... and a client whose refresh failed downloads nothing on the metadata of its earlier refresh.
     with pytest.raises(UpdateVerificationError, match="refused by TUF: BadVersionNumberError"):
-        third.fetch_target(TARGET, max_length=1 << 20)
+        third.fetch_target(TARGET, max_length=1 << 20, refresh=False)
 
 
 def test_held_devices_are_refused(
-        make_worker: WorkerFactory, make_device: DeviceFactory, repository: TestRepository, repo: Repository,
-        clock: ManualClock) -> None:
-    _devices(repo, clock, **{"dev-q": DeviceState.QUARANTINED, "dev-p": DeviceState.PENDING})
+        make_worker: WorkerFactory, make_tuf_device: TufDeviceFactory, repository: TestRepository,
+        repo: Repository, clock: ManualClock) -> None:
+    insert_devices(repo, clock, **{"dev-q": DeviceState.QUARANTINED, "dev-p": DeviceState.PENDING})
     worker = make_worker(repository)
     for device_id in ("dev-q", "dev-p"):
         with pytest.raises(UpdateError, match="the server refused the request"):
-            make_device(device_id).update_client().refresh()
+            make_tuf_device(device_id).update_client().refresh()
     assert worker.counters.get("rejected.device_held") == 2
 
 
 def test_a_device_cannot_fetch_for_or_read_the_answers_of_another(
-        make_worker: WorkerFactory, make_device: DeviceFactory, repository: TestRepository, repo: Repository,
-        clock: ManualClock) -> None:
-    _devices(repo, clock, **{"dev-a": DeviceState.TRUSTED, "dev-b": DeviceState.TRUSTED})
+        make_worker: WorkerFactory, make_tuf_device: TufDeviceFactory, repository: TestRepository,
+        repo: Repository, clock: ManualClock) -> None:
+    insert_devices(repo, clock, **{"dev-a": DeviceState.TRUSTED, "dev-b": DeviceState.TRUSTED})
     worker = make_worker(repository)
     # A subscribes to every device's down topics too: the broker grants it, but its ACL filters deliveries.
-    a = make_device("dev-a", extra_filters=("fleet/v1/devices/+/down/#",))
+    a = make_tuf_device("dev-a", extra_filters=("fleet/v1/devices/+/down/#",))
     spoofed = encode_plain(TufFetch(request_id=new_message_id(), path="metadata/timestamp.json", offset=0,
                                     length=1024), ts=clock.now_ms())
     with pytest.raises(TransportError, match="Not authorized"):
         a.client.publish(topics.device_up("dev-b", "tuf-fetch"), spoofed).wait(WAIT)
-    b = make_device("dev-b")
+    b = make_tuf_device("dev-b")
     b_client = b.update_client()
     b_client.refresh()
     b_client.fetch_target(TARGET, max_length=1 << 20)
@@ -289,11 +187,11 @@ def test_a_device_cannot_fetch_for_or_read_the_answers_of_another(
 
 
 def test_refresh_benchmark_hook(
-        make_worker: WorkerFactory, make_device: DeviceFactory, repository: TestRepository, repo: Repository,
-        clock: ManualClock) -> None:
-    _devices(repo, clock, **{"dev-a": DeviceState.TRUSTED})
+        make_worker: WorkerFactory, make_tuf_device: TufDeviceFactory, repository: TestRepository,
+        repo: Repository, clock: ManualClock) -> None:
+    insert_devices(repo, clock, **{"dev-a": DeviceState.TRUSTED})
     make_worker(repository)
-    device = make_device("dev-a")
+    device = make_tuf_device("dev-a")
     client = device.update_client()
     assert measure_refresh_ms(client, rounds=3) > 0
     assert list(device.fetcher.fetched)[-2:] == ["metadata/2.root.json", "metadata/timestamp.json"]

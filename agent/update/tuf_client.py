@@ -111,14 +111,19 @@ class UpdateClient:
         self._guard("refreshing the update metadata", updater.refresh)
         self._updater = updater
 
-    def fetch_target(self, target_path: str, *, max_length: int) -> VerifiedTarget:
-        """Download ``target_path`` (after a :meth:`refresh`, done now if none was) into memory and
-        return it verified; refused before downloading if its signed length exceeds ``max_length``.
+    def fetch_target(self, target_path: str, *, max_length: int, refresh: bool = True) -> VerifiedTarget:
+        """Refresh the metadata, then download ``target_path`` into memory and return it verified;
+        refused before downloading if its signed length exceeds ``max_length``.
+
+        ``refresh=False`` downloads on the metadata of the last :meth:`refresh` (one is done now if
+        none succeeded). The default is what the installer's ``TargetSource`` needs: an agent runs
+        for weeks, and a target assigned now must be looked up in metadata that is current now (a
+        release signed since, a timestamp expired since), not in what the first assignment fetched.
 
         Raises :class:`UpdateError` when the metadata lists no such target, it is too large or cannot
         be downloaded; :class:`UpdateVerificationError` when python-tuf refuses metadata or bytes.
         """
-        if self._updater is None:
+        if refresh or self._updater is None:
             self.refresh()
         updater = self._updater
         assert updater is not None

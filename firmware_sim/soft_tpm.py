@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import secrets
 import struct
 import threading
 import time
@@ -107,7 +106,6 @@ __all__ = [
     "EkIssuer",
     "SoftTpm",
     "qualified_name",
-    "quote_cost",
     "soft_measured_boot",
 ]
 
@@ -623,7 +621,7 @@ class SoftTpm:
 
 
 # ---------------------------------------------------------------------------------------------
-# Boot and benchmark helpers
+# Boot
 # ---------------------------------------------------------------------------------------------
 def soft_measured_boot(tpm: SoftTpm, media: BootMedia, settings: BootSettings, eventlog_path: Path,
                        banks: Sequence[str] = DEFAULT_BANKS) -> BootRecord:
@@ -639,13 +637,3 @@ def soft_measured_boot(tpm: SoftTpm, media: BootMedia, settings: BootSettings, e
     log.write(Path(eventlog_path))
     return BootRecord(events=log.events, eventlog=log.to_bytes(), pcrs=log.replay())
 
-
-def quote_cost(tpm: SoftTpm, *, rounds: int = 1000, selection: Mapping[str, Sequence[int]] | None = None,
-               timer: Callable[[], float] = time.perf_counter) -> float:
-    """Mean seconds of CPU-bound work per :meth:`SoftTpm.quote` (12 sha256 PCRs by default), for benches."""
-    sel = selection or {"sha256": list(range(12))}
-    nonce = secrets.token_bytes(32)
-    start = timer()
-    for _ in range(rounds):
-        tpm.quote(nonce, sel)
-    return (timer() - start) / rounds

@@ -15,6 +15,7 @@ import hashlib
 import secrets
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 from mqtt_fixtures import Credentials  # noqa: E402
 from test_agent_fleet_server import Server, agent_config  # noqa: E402
 from test_agent_fleet_server import server as fleet_worker  # noqa: E402,F401  (a fixture, see worker)
+from test_agent_vault_units import SELECTION as VAULT_SELECTION  # noqa: E402
+from test_agent_vault_units import release_for  # noqa: E402
 
 from agent.tpm.adapter import TpmAdapter  # noqa: E402
+from agent.update.floor import TpmVersionFloor, parse_version  # noqa: E402
+from agent.vault.counters import StateKeeper  # noqa: E402
+from agent.vault.keys import BoundKeys, StateSigner  # noqa: E402
 from firmware_sim.boot import BootMedia  # noqa: E402
 from firmware_sim.broker import MosquittoBroker  # noqa: E402
 from firmware_sim.manufacturer import ManufacturerCA  # noqa: E402
@@ -318,6 +324,36 @@ def test_nv_counter_and_data_index(soft: SoftTpm) -> None:
         soft.nv_data_read(index, 4)
     with pytest.raises(ConfigError, match="owner range"):
         soft.nv_data_write(0x01C00002, b"x")
+
+
+def test_the_agents_vault_keys_state_signer_and_update_floor_run_on_a_soft_tpm(soft: SoftTpm,
+                                                                                tmp_path: Path) -> None:
+    """The agent's own vault and update-floor classes on the soft TPM (as test_agent_vault_units on swtpm)."""
+    folder = tmp_path / "vault"
+    folder.mkdir()
+    keys = BoundKeys(lambda: soft, folder, "cam-0001", clock=time.time)
+    key = keys.current_key(VAULT_SELECTION)
+    assert keys.current_key(VAULT_SELECTION).key_id == key.key_id
+    data_key = secrets.token_bytes(32)
+    release = release_for(key.public, key.name, data_key)
+    assert bytes(keys.unwrap(release)) == data_key
+    extend(soft, 7, b"another boot state")
+    with pytest.raises(TpmError, match="a policy check failed"):
+        keys.unwrap(release)
+    assert keys.current_key(VAULT_SELECTION).key_id != key.key_id
+
+    signer = StateSigner(lambda: soft, folder)
+    digest = hashlib.sha256(b"state").digest()
+    signer.verify(digest, signer.sign(digest, create=True))
+    keeper = StateKeeper(folder, lambda: soft, signer)
+    first = keeper.load()
+    assert first.generation == soft.counter_read()
+    assert keeper.save({"classifier": "1.0.0"}, {}).generation == first.generation + 1
+
+    floor = TpmVersionFloor(lambda: soft)
+    assert floor.minimum() is None
+    floor.raise_to(parse_version("1.2.3"))
+    assert floor.minimum() == parse_version("1.2.3")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,6 +178,10 @@ def _public_area(key: PrivateKey, *, attributes: int, auth_policy: bytes, symmet
                       area.unique, raw)
 
 
+def _spki(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def qualified_name(parent_qualified_name: bytes, name: bytes) -> bytes:
     """Qualified Name of an object (TPM 2.0 Part 1, 16): ``nameAlg || H(QN(parent) || Name)`` (sha256).
 
@@ -313,6 +317,13 @@ class SoftTpm:
         self._ek_area = _public_area(ek_key, attributes=EK_ATTRIBUTES, auth_policy=EK_AUTH_POLICY,
                                      symmetric=_AES128_CFB, scheme=_NULL_SCHEME)
         self._ek_certificate = bytes(ek_certificate)
+        try:
+            certified = x509.load_der_x509_certificate(self._ek_certificate).public_key()
+        except ValueError as exc:
+            raise ConfigError(f"the soft TPM's EK certificate is not DER X.509: {exc}") from None
+        if not isinstance(certified, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) \
+                or _spki(certified) != _spki(ek_key.public_key()):
+            raise ConfigError("the soft TPM's EK certificate does not certify its EK")
         ek_qn = qualified_name(TPM_RH_ENDORSEMENT.to_bytes(4, "big"), self._ek_area.name())
         # AK (child of the EK, as the adapter's)
         self._ak_key = _generate(ak_alg)

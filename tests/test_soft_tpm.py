@@ -26,7 +26,7 @@ from conftest import tools_env
 pytest.register_assert_rewrite("mqtt_fixtures", "agent_fixtures")
 from agent_fixtures import AgentFactory, wait_status  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 from mqtt_fixtures import Credentials  # noqa: E402
 from test_agent_fleet_server import Server, agent_config  # noqa: E402
 from test_agent_fleet_server import server as fleet_worker  # noqa: E402,F401  (a fixture, see worker)
@@ -255,6 +255,11 @@ def test_ek_certificate_chains_to_the_manufacturer_ca_and_holds_the_ek(
         tpm.ek_certificate(other)
     with pytest.raises(ConfigError):
         tpm.ek_public("dsa")
+    # A certificate of another EK is refused when the TPM is made (as the adapter refuses such an EK).
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        ec.generate_private_key(ec.SECP256R1()) if ek_alg == "ecc" else rsa.generate_private_key(65537, 2048))
+    with pytest.raises(ConfigError, match="does not certify its EK"):
+        SoftTpm(ek_key=key, ek_certificate=tpm.ek_certificate())
 
 
 @pytest.mark.parametrize("ek_alg", ["ecc", "rsa"])

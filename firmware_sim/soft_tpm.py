@@ -23,7 +23,7 @@ byte formats a TPM produces (TPM 2.0 Part 2), so the fleet server runs its usual
 The state is volatile and per object: :meth:`SoftTpm.power_cycle` is TPM2_Startup(CLEAR) after a reset
 (PCRs back to their reset values, resetCount + 1); NV and keys stay as long as the object.  ``open`` and
 ``close`` do nothing (there is no connection), so one object can serve an agent across its TPM reopens:
-``Agent(config, tpm_factory=lambda: tpm)``.
+``Agent(config, tpm_factory=tpm.factory())``.
 
 Not modelled: hierarchies' authorizations, sessions, locality, the TPM's internal key seeds (keys are
 fresh random keys, not derived from seeds), the obfuscation of clock values for keys outside the
@@ -54,7 +54,7 @@ try:  # cryptography >= 47 keeps CFB among the "decrepit" modes; TPM 2.0 credent
 except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
-from agent.tpm.interface import AttestationKey, BoundKey, Certification, Quote
+from agent.tpm.interface import AgentTpm, AttestationKey, BoundKey, Certification, Quote
 from firmware_sim.boot import DEFAULT_BANKS, BootMedia, BootRecord, BootSettings, build_boot_log
 from firmware_sim.eventlog_writer import LogEvent
 from firmware_sim.manufacturer import ManufacturerCA
@@ -360,6 +360,13 @@ class SoftTpm:
 
     def close(self) -> None:
         """Nothing to do; the state stays (an agent reopening its TPM finds the same one)."""
+
+    def factory(self) -> Callable[[], AgentTpm]:
+        """For ``Agent(config, tpm_factory=tpm.factory())``: every (re)open of the agent's TPM is this one."""
+        def reopen() -> AgentTpm:
+            return self
+
+        return reopen
 
     def power_cycle(self) -> None:
         """A TPM reset followed by TPM2_Startup(CLEAR): PCRs to their reset values, resetCount + 1."""

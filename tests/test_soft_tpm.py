@@ -406,7 +406,7 @@ def test_agent_on_a_soft_tpm_enrolls_and_attests_trusted_with_the_real_server(
     _golden_policy(device, server)
     preregister_ek(server.repo, tpm.ek_certificate(), now=server.now_ms())
     config = agent_config(tmp_path / "agent", device, mqtt_broker, credentials, server)
-    agent = make_agent(config, tpm_factory=lambda: tpm)
+    agent = make_agent(config, tpm_factory=tpm.factory())
     wait_status(agent, lambda s: s.trusted, "a trusted verdict from the fleet server")
     status = agent.status()
     assert status.enrolled and status.verdict_reasons == ()
@@ -426,6 +426,6 @@ def test_agent_on_a_soft_tpm_with_a_tampered_boot_is_untrusted(
     soft_measured_boot(tpm, BootMedia.from_specs(profile.image_specs()), profile.boot_settings,
                        device.eventlog_path)
     config = agent_config(tmp_path / "agent", device, mqtt_broker, credentials, server)
-    agent = make_agent(config, tpm_factory=lambda: tpm)
+    agent = make_agent(config, tpm_factory=tpm.factory())
     wait_status(agent, lambda s: s.verdict == "untrusted", "an untrusted verdict")
     assert any("PCR 8" in reason for reason in agent.status().verdict_reasons), agent.status().verdict_reasons

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from agent.tpm.adapter import Quote
+from agent.tpm.interface import Quote
 from protocol.errors import EdgeError, StorageError
 from protocol.messages import MAX_EVENTLOG, Challenge, Evidence
 

@@ -53,6 +53,7 @@ from agent.identity import DeviceIdentity
 from agent.log import EventLogger
 from agent.statefile import ensure_dir, write_atomic
 from agent.tpm.adapter import TpmAdapter
+from agent.tpm.interface import AgentTpm
 from agent.trust import CHUNK_KIND, Channel, MessageVerifier, TrustState, load_signing_keys
 from agent.update.bootctl import Rebooter
 from agent.update.floor import TpmVersionFloor
@@ -213,12 +214,19 @@ class Agent:
     ``update.root_file``), and must be given when no ``root_file`` is configured; see
     :mod:`agent.update.installer`.  ``rebooter.reboot`` is called on the agent's update thread and
     must return promptly (start the power cycle elsewhere); the agent does nothing more after it.
+
+    ``tpm_factory`` opens the device's TPM (an :class:`~agent.tpm.interface.AgentTpm`); it is called
+    again after the agent closed a TPM that failed.  Default: a :class:`~agent.tpm.adapter.TpmAdapter`
+    on ``[tpm]``'s TCTI with its state in ``state_dir/tpm``.  A simulator passes a software TPM here
+    (e.g. ``tpm_factory=lambda: soft_tpm``, see :mod:`firmware_sim.soft_tpm`).
     """
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, logger: logging.Logger | None = None,
-                 rebooter: Rebooter | None = None, target_source: TargetSource | None = None) -> None:
+                 rebooter: Rebooter | None = None, target_source: TargetSource | None = None,
+                 tpm_factory: Callable[[], AgentTpm] | None = None) -> None:
         self.config = config
+        self._tpm_factory = tpm_factory or self._open_adapter
         self._clock = clock
         self._rng = rng or random.Random()
         self._log = EventLogger(logger or logging.getLogger("agent"), device=config.device_id)
@@ -237,7 +245,7 @@ class Agent:
         self._verifier: MessageVerifier | None = None
         self._enrollment: Enrollment | None = None
         self._client: MqttClient | None = None
-        self._tpm: TpmAdapter | None = None
+        self._tpm: AgentTpm | None = None
         self._tpm_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._worker: threading.Thread | None = None
@@ -485,14 +493,17 @@ class Agent:
             self._log.info("tpm_ready", ak_name=ak.name.hex(), ak_alg=ak.alg)
             return
 
-    def _tpm_adapter(self) -> TpmAdapter:
+    def _open_adapter(self) -> AgentTpm:
+        cfg = self.config.tpm
+        tpm: AgentTpm = TpmAdapter(cfg.tcti, self.config.state_dir / TPM_SUBDIR, ak_alg=cfg.ak_alg,
+                                   ek_alg=cfg.ek_alg)
+        tpm.open()
+        return tpm
+
+    def _tpm_adapter(self) -> AgentTpm:
         with self._tpm_lock:
             if self._tpm is None:
-                cfg = self.config.tpm
-                tpm = TpmAdapter(cfg.tcti, self.config.state_dir / TPM_SUBDIR, ak_alg=cfg.ak_alg,
-                                 ek_alg=cfg.ek_alg)
-                tpm.open()
-                self._tpm = tpm
+                self._tpm = self._tpm_factory()
             return self._tpm
 
     def _drop_tpm(self) -> None:

@@ -106,6 +106,7 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from agent.tpm.interface import AttestationKey, BoundKey, Certification, Quote
 from agent.tpm.templates import (
     AK_ALGS,
     EK_ALGS,
@@ -162,65 +163,6 @@ _AES128_CFB = TPMT_SYM_DEF(
     algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128), mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB)
 )
 _NO_SYM = TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL)
-
-
-# ---------------------------------------------------------------------------------------------
-# Values returned to callers
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class AttestationKey:
-    """The AK's public identity.
-
-    ``public`` is the marshalled TPM2B_PUBLIC; ``name`` the TPM name (nameAlg ‖ digest);
-    ``alg`` is ``"ecc"`` or ``"rsa"``.
-    """
-
-    public: bytes
-    name: bytes
-    alg: str
-
-
-@dataclass(frozen=True, slots=True)
-class Quote:
-    """A TPM2_Quote by the AK.
-
-    ``attest`` is the marshalled TPMS_ATTEST exactly as signed, ``signature`` the marshalled
-    TPMT_SIGNATURE.  ``pcrs`` holds the quoted PCR values (bank → index → digest), read right after
-    the quote and checked against the quote's pcrDigest; empty if not requested.
-    """
-
-    attest: bytes
-    signature: bytes
-    pcrs: dict[str, dict[int, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class Certification:
-    """A TPM2_Certify of a bound key by the AK: marshalled TPMS_ATTEST and TPMT_SIGNATURE."""
-
-    attest: bytes
-    signature: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BoundKey:
-    """A PCR-bound decryption key kept (as TPM-encrypted blobs) in the adapter's ``state_dir``.
-
-    ``key_id`` names it there (32 lowercase hex digits, from its TPM name); ``public`` is its
-    marshalled TPM2B_PUBLIC (wrap data keys to this RSA key with OAEP-SHA256); ``name`` its TPM name;
-    ``policy`` its authPolicy and the PolicyOR branches; ``pcr_selection`` the PCRs it is bound to.
-    """
-
-    key_id: str
-    public: bytes
-    name: bytes
-    policy: BoundKeyPolicy
-    pcr_selection: Selection
-
-    @property
-    def policy_digest(self) -> bytes:
-        """The key's authPolicy (sha256)."""
-        return self.policy.digest
 
 
 class _AkLost(Exception):

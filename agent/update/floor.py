@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from agent.config import DEFAULT_FLOOR_INDEX
-from agent.tpm.adapter import TpmAdapter
+from agent.tpm.interface import AgentTpm
 from protocol.errors import MalformedInputError
 from protocol.messages import VERSION_RE
 
@@ -62,7 +62,7 @@ class VersionFloor(Protocol):
 class TpmVersionFloor:
     """:class:`VersionFloor` in a TPM NV data index (see the module docstring)."""
 
-    def __init__(self, tpm: Callable[[], TpmAdapter], index: int = DEFAULT_FLOOR_INDEX) -> None:
+    def __init__(self, tpm: Callable[[], AgentTpm], index: int = DEFAULT_FLOOR_INDEX) -> None:
         self._tpm = tpm
         self.index = index
 

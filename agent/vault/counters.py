@@ -36,7 +36,7 @@ from pathlib import Path
 from agent.inference import RollbackError
 from agent.inference.limits import CLIENT_ID_RE, LEASE_ID_RE, CounterState, advance_generation
 from agent.statefile import read_optional, write_atomic
-from agent.tpm.adapter import TpmAdapter
+from agent.tpm.interface import AgentTpm
 from agent.vault.keys import StateSignature, StateSigner
 from protocol.encoding import JsonValue, b64decode, b64encode, canonical_bytes, decode_object
 from protocol.errors import EdgeError, MalformedInputError, MessageError, TpmError
@@ -49,7 +49,7 @@ STATE_CONTEXT = b"edge-attest/vault-state/v1\x00"
 MAX_STATE_SIZE = 1 << 20
 MAX_MODELS = 256
 
-TpmGetter = Callable[[], TpmAdapter]
+TpmGetter = Callable[[], AgentTpm]
 
 
 def _counters_to_json(cs: CounterState) -> dict[str, object]:

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agent.inference.runtime import zeroize
 from agent.statefile import read_optional, write_atomic
-from agent.tpm.adapter import BoundKey, TpmAdapter
+from agent.tpm.interface import AgentTpm, BoundKey
 from agent.vault import KeyReleaseRefused
 from protocol.errors import MalformedInputError, SignatureError, StorageError
 from protocol.messages import WRAP_LABEL, KeyRelease, KeyRequest, key_request_qualifier
@@ -78,7 +78,7 @@ MAX_INDEX = 256 * 1024
 MAX_KEYS = 256
 DATA_KEY_SIZE = 32
 
-TpmGetter = Callable[[], TpmAdapter]
+TpmGetter = Callable[[], AgentTpm]
 
 
 def wipe_bytes(data: bytes) -> None:

@@ -55,7 +55,7 @@ from agent.inference.monitor import ExtractionMonitor
 from agent.inference.runtime import ONNXRUNTIME_VERSION, ModelLoadError, zeroize
 from agent.log import EventLogger
 from agent.statefile import ensure_dir
-from agent.tpm.adapter import TpmAdapter
+from agent.tpm.interface import AgentTpm
 from agent.trust import TrustState, load_signing_keys
 from agent.vault import KeyReleaseRefused, VaultError
 from agent.vault.clients import ClientEntry, client_table, load_clients
@@ -101,7 +101,7 @@ STATE_RETRY = 5.0
 PUBLISH_TIMEOUT = 5.0
 NEGATIVE_VERDICTS = frozenset({"untrusted", "revoked", "quarantined"})
 
-TpmGetter = Callable[[], TpmAdapter]
+TpmGetter = Callable[[], AgentTpm]
 
 
 @dataclass(eq=False)

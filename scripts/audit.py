@@ -16,6 +16,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ("requirements/dev.lock", "requirements/agent.lock")
@@ -44,6 +45,11 @@ def audit(lock: str) -> bool | None:
             print(f"audit: {lock}: pip-audit failed: {(proc.stderr.strip() or proc.stdout.strip())[-400:]}")
             return False
         report = json.loads(out.read_text())
+    return judge(lock, report)
+
+
+def judge(lock: str, report: dict[str, Any]) -> bool:
+    """Print what pip-audit's JSON ``report`` found; True when nothing fixable was found."""
     ok = True
     skipped = [d["name"] for d in report.get("dependencies", []) if d.get("skip_reason")]
     if skipped:  # e.g. the service does not know the release: say so, it was not audited

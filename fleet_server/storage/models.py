@@ -265,4 +265,9 @@ class Alert(SQLModel, table=True):
 
 # Tables of later areas live in their own modules (one owner each) and register on the same
 # metadata when imported here, so `models` stays the single import that defines the schema.
-from fleet_server.storage import console_tables, model_tables, release_tables  # noqa: E402, F401
+from fleet_server.storage import (  # noqa: E402, F401
+    console_tables,
+    model_tables,
+    release_tables,
+    rollout_tables,
+)

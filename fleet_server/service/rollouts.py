@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 from fleet_server.keys import ResultSigner
 from fleet_server.rollouts import engine
-from fleet_server.rollouts.plan import Group, Placed, Plan, RolloutError, order_key, split_phases
+from fleet_server.rollouts.plan import (
+    Group,
+    Placed,
+    Plan,
+    RolloutError,
+    order_key,
+    split_phases,
+    validate_tag,
+)
 from fleet_server.service.common import Counters, log_event
 from fleet_server.service.releases import ReleaseError, assign_in_tx
 from fleet_server.storage.alerting import NewAlert
@@ -37,6 +45,7 @@ from fleet_server.storage.repo import Repository, Tx
 from fleet_server.storage.rollout_repo import MemberRecord, RolloutRecord
 from fleet_server.storage.rollout_tables import FINAL_ROLLOUT_STATES, MemberState, RolloutState
 from protocol.messages import new_message_id
+from protocol.topics import validate_device_id
 
 log = logging.getLogger(__name__)
 
@@ -466,3 +475,27 @@ def view_json(v: RolloutView) -> dict[str, object]:
                      "assignment_id": m.assignment_id, "reason": m.reason, "assigned_at": m.assigned_at,
                      "finished_at": m.finished_at} for m in v.members],
     }
+
+
+# -- device tags (target groups select by them) -----------------------------------------------------
+def tag_device(repo: Repository, device_id: str, tags: Sequence[str]) -> list[str]:
+    """Add tags to a device; returns those it did not have."""
+    return _tags(repo, device_id, tags, add=True)
+
+
+def untag_device(repo: Repository, device_id: str, tags: Sequence[str]) -> list[str]:
+    """Remove tags from a device; returns those it had."""
+    return _tags(repo, device_id, tags, add=False)
+
+
+def _tags(repo: Repository, device_id: str, tags: Sequence[str], *, add: bool) -> list[str]:
+    validate_device_id(device_id)
+    if not tags:
+        raise RolloutError("give at least one tag")
+    checked = [validate_tag(t) for t in tags]
+    with repo.write("tagging a device") as tx:
+        if tx.device_identity(device_id) is None:
+            raise RolloutError(f"no device {device_id!r}")
+        if add:
+            return tx.rollouts.add_tags(device_id, checked)
+        return tx.rollouts.remove_tags(device_id, checked)

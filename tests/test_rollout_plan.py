@@ -105,7 +105,8 @@ def test_maintenance_window(window: tuple[int, int] | None, hour: int, open_: bo
 
 def _m(device_id: str, phase: int, state: str, *, assigned_at: int | None = None,
        finished_at: int | None = None, attempts: int = 0) -> engine.Member:
-    return engine.Member(device_id, phase, order_key("r1", device_id), state, attempts, assigned_at, finished_at)
+    return engine.Member(device_id, phase, order_key("r1", device_id), state, attempts, assigned_at,
+                         finished_at)
 
 
 NOW = 1_790_000_000_000

@@ -91,7 +91,7 @@ def fleet(processor: Processor, repo: Repository, signer: ResultSigner, make_dev
           golden_policy: admin.StoredPolicy, clock: ManualClock) -> dict[str, SimDevice]:
     devices: dict[str, SimDevice] = {}
     for i in range(4):
-        dev = make_device(f"cam-{i}")
+        dev = make_device(f"cam-{i}", fresh_tpm=True)
         admin.preregister_ek(repo, dev.tpm.ek_certificate(), now=clock.now_ms())
         assert enroll(processor, signer, dev).status == "admitted"
         assert attest_once(processor, signer, dev).verdict == "trusted"
@@ -184,8 +184,8 @@ def _succeed(repo: Repository, device_id: str, release_id: int, now: int) -> Non
 def test_pause_and_resume(repo: Repository, signer: ResultSigner, release: ReleaseRecord,
                           clock: ManualClock) -> None:
     ids = _devices(repo, ["d0", "d1", "d2"], clock.now_ms())
-    rollouts.create_rollout(repo, target=TARGET, group=GROUP, plan=parse_plan({"canary": 1}), now=clock.now_ms(),
-                            actor="test", rollout_id="r1")
+    rollouts.create_rollout(repo, target=TARGET, group=GROUP, plan=parse_plan({"canary": 1}),
+                            now=clock.now_ms(), actor="test", rollout_id="r1")
     [canary] = _step(repo, signer, clock).assigned
     assert rollouts.pause(repo, "r1", now=clock.now_ms()).state == "paused"
     _succeed(repo, canary, release.id, clock.now_ms())
@@ -203,8 +203,8 @@ def test_pause_and_resume(repo: Repository, signer: ResultSigner, release: Relea
 def test_cancel_stops_new_assignments(repo: Repository, signer: ResultSigner, release: ReleaseRecord,
                                       clock: ManualClock) -> None:
     ids = _devices(repo, ["d0", "d1", "d2"], clock.now_ms())
-    rollouts.create_rollout(repo, target=TARGET, group=GROUP, plan=parse_plan({"canary": 1}), now=clock.now_ms(),
-                            actor="test", rollout_id="r1")
+    rollouts.create_rollout(repo, target=TARGET, group=GROUP, plan=parse_plan({"canary": 1}),
+                            now=clock.now_ms(), actor="test", rollout_id="r1")
     [canary] = _step(repo, signer, clock).assigned
     rec = rollouts.cancel(repo, "r1", now=clock.now_ms(), actor="cli:alice")
     assert (rec.state, rec.reason) == ("cancelled", "cancelled by cli:alice")
@@ -247,6 +247,12 @@ def test_two_workers_stepping_at_once_do_not_double_assign(
                             now=clock.now_ms(), actor="test", rollout_id="r1")
     url = repo.engine.url.render_as_string(hide_password=False)
     engines = [create_engine(url) for _ in range(2)]
+    if repo.engine.dialect.name == "postgresql":
+        # While one worker holds the rollout's row, another's step skips the rollout.
+        with repo.write() as tx:
+            assert tx.rollouts.rollout("r1", lock=True) is not None
+            other = Repository(engines[0])
+            assert rollouts.step_rollout(other, "r1", signer=signer, now=clock.now_ms()) is None
     barrier = threading.Barrier(2)
     assigned: list[list[str]] = [[], []]
     errors: list[BaseException] = []
@@ -259,7 +265,7 @@ def test_two_workers_stepping_at_once_do_not_double_assign(
                 result = rollouts.step_rollout(workers_repo, "r1", signer=signer, now=clock.now_ms())
                 if result is not None:
                     assigned[n].extend(result.assigned)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        except BaseException as exc:  # reported by the test thread
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
@@ -274,6 +280,7 @@ def test_two_workers_stepping_at_once_do_not_double_assign(
     assert not errors, errors
     assert sorted(assigned[0] + assigned[1]) == sorted(ids)
     assert _assignment_counts(repo, ids) == dict.fromkeys(ids, 1)
+    assert set(_members(repo).values()) == {"assigned"}
     assert sum(1 for r in repo.outbox() if r.topic.endswith("/down/update")) == len(ids)
 
 

@@ -161,7 +161,8 @@ UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 GET_SAMPLES: dict[str, Any] = {"filename": "console.css", "name": "classifier", "version": "1.0.0",
                                "kind": "class", "subject": "edge-camera"}
 UNSAFE_SAMPLES: dict[str, Any] = {"device_id": "no-such-device", "name": "no-such-model", "version": "9.9.9",
-                                  "kind": "device", "subject": "no-such-device", "rollout_id": "no-such-rollout"}
+                                  "kind": "device", "subject": "no-such-device",
+                                  "rollout_id": "no-such-rollout"}
 
 
 def test_matrix_is_the_issues_matrix() -> None:

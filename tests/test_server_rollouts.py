@@ -20,7 +20,7 @@ from fleet_server.rollouts.plan import Group, RolloutError, parse_plan
 from fleet_server.service import admin, rollouts
 from fleet_server.service.common import ManualClock
 from fleet_server.service.processor import Processor
-from fleet_server.service.releases import add_release
+from fleet_server.service.releases import add_release, withdraw_release
 from fleet_server.storage.db import create_engine
 from fleet_server.storage.models import DeviceState
 from fleet_server.storage.release_repo import ReleaseRecord
@@ -386,3 +386,15 @@ def test_groups_approval_and_dry_run(repo: Repository, signer: ResultSigner, rel
                                 plan=plan, now=clock.now_ms(), actor="test")
     with pytest.raises(RolloutError, match="in rollout r1 still"):
         rollouts.create_rollout(repo, target=TARGET, group=GROUP, plan=plan, now=clock.now_ms(), actor="test")
+
+
+def test_a_withdrawn_release_aborts_its_rollout(
+        repo: Repository, signer: ResultSigner, release: ReleaseRecord, clock: ManualClock) -> None:
+    _devices(repo, ["d0", "d1"], clock.now_ms())
+    rollouts.create_rollout(repo, target=TARGET, group=GROUP, plan=parse_plan({"canary": 1}),
+                            now=clock.now_ms(), actor="test", rollout_id="r1")
+    _step(repo, signer, clock)
+    withdraw_release(repo, MemoryTargetStore(), TARGET, now=clock.now_ms())
+    step = _step(repo, signer, clock)
+    assert (step.state, step.reason, step.assigned) == ("aborted", f"release {TARGET} was withdrawn", ())
+    assert len(repo.models.alerts(kind="rollout_aborted")) == 1

@@ -171,6 +171,11 @@ def step_rollout(repo: Repository, rollout_id: str, *, signer: ResultSigner, now
         plan, group = Plan.from_json(rec.plan), Group.from_json(rec.target_group)
         release = tx.releases.releases_by_id([rec.release_id])[rec.release_id]
         members = tx.rollouts.members(rollout_id)
+        if release.state != ReleaseState.ACTIVE:
+            reason = f"release {release.target} was withdrawn"
+            trigger = min(now, release.withdrawn_at or now)
+            _abort(tx, rec, release, plan, members, reason, trigger, now, signer)
+            return StepResult(rollout_id, RolloutState.ABORTED, rec.phase, (), (), "", reason, now - trigger)
         joined = _join(tx, rec, release, group, plan, members, now)
         if joined:
             members = tx.rollouts.members(rollout_id)

@@ -160,12 +160,11 @@ class StepResult:
     abort_latency_ms: int | None  # aborted in this step: from the crossing failure to the abort
 
 
-def step_rollout(repo: Repository, rollout_id: str, *, signer: ResultSigner, now: int,
-                 wait_for_lock: bool = False) -> StepResult | None:
+def step_rollout(repo: Repository, rollout_id: str, *, signer: ResultSigner, now: int) -> StepResult | None:
     """One step of a running rollout (see the module docstring); None when it is not running or
     another worker holds it."""
     with repo.write("stepping a rollout") as tx:
-        rec = tx.rollouts.rollout(rollout_id, lock=wait_for_lock, skip_locked=not wait_for_lock)
+        rec = tx.rollouts.rollout(rollout_id, skip_locked=True)
         if rec is None or rec.state != RolloutState.RUNNING:
             return None
         plan, group = Plan.from_json(rec.plan), Group.from_json(rec.target_group)

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "audit": "audit_cmd",
     "updates": "updates_cmd",
     "release": "release_cmd",
+    "rollout": "rollout_cmd",
 }
 
 

@@ -54,6 +54,8 @@ NOT_ADMIN_ACTIONS: dict[Command, str] = {
     ("updates", "root"): "writes the public root metadata to a file",
     ("release", "list"): "read-only",
     ("release", "show"): "read-only",
+    ("rollout", "list"): "read-only",
+    ("rollout", "show"): "read-only",
 }
 
 
@@ -122,6 +124,12 @@ def _bundle(env: Env) -> str:
 RELEASE = "firmware/edge-camera/1.3.0.fwb"
 
 
+def _draft_rollout(env: Env, rollout_id: str, argv: list[str]) -> list[str]:
+    """Create a draft rollout for a command that needs one; returns the command's ``argv``."""
+    assert main(["rollout", "create", RELEASE, "--id", rollout_id, "--draft", "--config", env.config]) == 0
+    return argv
+
+
 def _c(env: Env) -> list[str]:
     return ["--config", env.config]
 
@@ -152,6 +160,24 @@ AUDITED: dict[Command, Case] = {
         "release.add", _fixed(f"release:{RELEASE}")),
     ("release", "assign"): Case(lambda env: ["release", "assign", RELEASE, "--device", "cam-9", *_c(env)],
                                 "release.assign", _fixed(f"release:{RELEASE}")),
+    ("device", "tag"): Case(lambda env: ["device", "tag", "cam-9", "lab", "north", *_c(env)], "device.tag",
+                            _fixed("device:cam-9")),
+    ("device", "untag"): Case(lambda env: ["device", "untag", "cam-9", "north", *_c(env)], "device.untag",
+                              _fixed("device:cam-9")),
+    ("rollout", "create"): Case(
+        lambda env: ["rollout", "create", RELEASE, "--id", "r1", "--tag", "lab", "--canary", "1", "--phases",
+                     "100", "--approval", *_c(env)], "rollout.create", _fixed("rollout:r1")),
+    ("rollout", "pause"): Case(lambda env: ["rollout", "pause", "r1", *_c(env)], "rollout.pause",
+                               _fixed("rollout:r1")),
+    ("rollout", "resume"): Case(lambda env: ["rollout", "resume", "r1", *_c(env)], "rollout.resume",
+                                _fixed("rollout:r1")),
+    ("rollout", "approve"): Case(lambda env: ["rollout", "approve", "r1", *_c(env)], "rollout.approve",
+                                 _fixed("rollout:r1")),
+    ("rollout", "cancel"): Case(lambda env: ["rollout", "cancel", "r1", *_c(env)], "rollout.cancel",
+                                _fixed("rollout:r1")),
+    ("rollout", "abort"): Case(
+        lambda env: _draft_rollout(env, "r2", ["rollout", "abort", "r2", *_c(env)]), "rollout.abort",
+        _fixed("rollout:r2")),
     ("release", "withdraw"): Case(lambda env: ["release", "withdraw", RELEASE, *_c(env)], "release.withdraw",
                                   _fixed(f"release:{RELEASE}")),
     ("device", "quarantine"): Case(lambda env: ["device", "quarantine", "cam-9", *_c(env)],

@@ -127,6 +127,16 @@ API_ROUTES: dict[str, Declared] = {
     "api.list_releases": Right.VIEW_FLEET,
     "api.get_release": Right.VIEW_FLEET,
     "api.assign_release": Right.DEPLOY,
+    "api.list_rollouts": Right.VIEW_FLEET,
+    "api.get_rollout": Right.VIEW_FLEET,
+    "api.create_rollout": Right.DEPLOY,
+    "api.plan_rollout": Right.DEPLOY,
+    "api.pause_rollout": Right.DEPLOY,
+    "api.resume_rollout": Right.DEPLOY,
+    "api.approve_rollout": Right.DEPLOY,
+    "api.cancel_rollout": Right.DEPLOY,
+    "api.abort_rollout": Right.DEPLOY,
+    "api.tag_device": Right.DEPLOY,
     "api.list_models": Right.MODEL_READ,
     "api.get_model": Right.MODEL_READ,
     "api.get_version": Right.MODEL_READ,
@@ -151,7 +161,8 @@ UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 GET_SAMPLES: dict[str, Any] = {"filename": "console.css", "name": "classifier", "version": "1.0.0",
                                "kind": "class", "subject": "edge-camera"}
 UNSAFE_SAMPLES: dict[str, Any] = {"device_id": "no-such-device", "name": "no-such-model", "version": "9.9.9",
-                                  "kind": "device", "subject": "no-such-device"}
+                                  "kind": "device", "subject": "no-such-device",
+                                  "rollout_id": "no-such-rollout"}
 
 
 def test_matrix_is_the_issues_matrix() -> None:

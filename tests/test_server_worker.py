@@ -25,9 +25,11 @@ from fleet_server import pki
 from fleet_server.cli import main as cli_main
 from fleet_server.config import ServerConfig
 from fleet_server.keys import ResultSigner
-from fleet_server.service import admin
+from fleet_server.rollouts.plan import Group, parse_plan
+from fleet_server.service import admin, rollouts
 from fleet_server.service.common import ManualClock
 from fleet_server.service.context import ServiceContext
+from fleet_server.service.releases import add_release
 from fleet_server.service.worker import Worker
 from fleet_server.storage.models import DeviceState
 from fleet_server.storage.repo import NewDevice, Repository
@@ -44,8 +46,9 @@ from protocol.messages import (
 )
 from protocol.mqtt import MqttClient, TlsFiles
 
-pytest.register_assert_rewrite("mqtt_fixtures", "server_fixtures")
+pytest.register_assert_rewrite("mqtt_fixtures", "server_fixtures", "release_fixtures")
 from mqtt_fixtures import WAIT, ClientFactory, Credentials, RawClient, wait_until  # noqa: E402
+from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
 from server_fixtures import BOTH_DATABASES, DeviceFactory, SimDevice, make_config  # noqa: E402
 
 pytest_plugins = ("mqtt_fixtures", "server_fixtures", "pg_fixtures")
@@ -323,3 +326,18 @@ def test_run_serves_and_stops_cleanly_on_sigterm(
             proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_the_workers_step_running_rollouts_and_publish_the_assignments(
+        make_worker: WorkerFactory, repo: Repository, clock: ManualClock, tmp_path: Path) -> None:
+    add_release(repo, MemoryTargetStore(), write_bundle_dir(tmp_path / "bundle"),
+                device_class="edge-camera", version="1.3.0", now=clock.now_ms(), actor="test")
+    _fake_devices(repo, ["cam-50", "cam-51"], clock.now_ms())
+    rollouts.create_rollout(repo, target="firmware/edge-camera/1.3.0.fwb", group=Group("edge-camera"),
+                            plan=parse_plan({"canary": 1}), now=clock.now_ms(), actor="test", rollout_id="r1")
+    worker = make_worker()
+    wait_until(lambda: [m.state for m in repo.rollouts.members("r1")].count("assigned") == 1,
+               what="the canary assigned by the worker's housekeeping")
+    wait_until(lambda: not repo.outbox(), what="the signed assignment published")
+    worker.flush_counters()
+    assert repo.counters().get("rollouts.assigned") == 1

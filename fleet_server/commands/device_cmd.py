@@ -8,6 +8,8 @@
 * ``device revoke ID [--reason TEXT]`` - no more challenges; a signed revocation is sent
 * ``device quarantine ID [--reason TEXT]`` - attested but never trusted until lifted
 * ``device unquarantine ID`` - lift a quarantine: back to ``enrolled``, challenged at once
+* ``device tag ID TAG [TAG ...]``, ``device untag ID TAG [TAG ...]`` - the device's tags (rollout
+  target groups select devices by tag; ``device show`` lists them)
 * ``device preregister EKCERT_FILE [--device-class C] [--note TEXT]`` - a device proving this EK is
   admitted without approval
 
@@ -25,7 +27,7 @@ from typing import Any
 from fleet_server import pki
 from fleet_server.console.audit import record_cli
 from fleet_server.keys import load_signing_key
-from fleet_server.service import admin
+from fleet_server.service import admin, rollouts
 from fleet_server.service.cliutil import (
     add_config_argument,
     emit,
@@ -96,6 +98,13 @@ def register(subparsers: Any) -> None:
     add_config_argument(crl)
     crl.set_defaults(handler=_crl)
 
+    for name, handler, what in (("tag", _tag, "add tags to a device"),
+                                ("untag", _untag, "remove tags from a device")):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("device_id", metavar="ID")
+        cmd.add_argument("tags", nargs="+", metavar="TAG")
+        add_config_argument(cmd)
+        cmd.set_defaults(handler=handler)
     prereg = sub.add_parser("preregister", help="pre-register an EK certificate for automatic admission")
     prereg.add_argument("ek_cert", type=Path, metavar="EKCERT_FILE", help="EK certificate (PEM or DER)")
     prereg.add_argument("--device-class", help="device class to record for devices with this EK")
@@ -152,8 +161,10 @@ def _show(args: argparse.Namespace) -> int:
         history = repo.state_history(device_id, limit=max(1, args.history))
         results = repo.attestations(device_id, limit=10)
         policy = repo.policy(policy_id=device.policy_id) if device.policy_id is not None else None
+        tags = repo.rollouts.tags(device_id)
     if args.json:
         doc = _device_json(device)
+        doc["tags"] = tags
         doc["policy"] = policy.header.name if policy is not None else None
         doc["history"] = [{"at": h.at, "from": h.from_state, "to": h.to_state, "cause": h.cause}
                           for h in history]
@@ -165,6 +176,7 @@ def _show(args: argparse.Namespace) -> int:
         f"device {device.id}",
         f"  state             {device.state} since {iso(device.state_changed_at)}",
         f"  class / firmware  {device.device_class} / {device.firmware_version}",
+        f"  tags              {', '.join(tags) or '-'}",
         f"  EK fingerprint    {device.ek_fingerprint}",
         f"  certificate       {device.cert_serial or '-'}",
         f"  last verdict      {device.last_verdict or '-'} at {iso(device.last_attestation_at)}"
@@ -186,6 +198,23 @@ def _show(args: argparse.Namespace) -> int:
             first = f"  ({a.reasons[0]})" if a.reasons else ""
             lines.append(f"    {iso(a.stored_at)}  {a.verdict}  {a.latency_ms} ms{first}")
     return emit(lines)
+
+
+def _tag(args: argparse.Namespace) -> int:
+    with repository(load(args)) as repo:
+        added = rollouts.tag_device(repo, args.device_id, args.tags)
+        record_cli(repo.engine, "device.tag", f"device:{args.device_id}", {"added": added}, now=now_ms())
+        tags = repo.rollouts.tags(args.device_id)
+    return emit([f"device {args.device_id}: tags {', '.join(tags) or '-'}"])
+
+
+def _untag(args: argparse.Namespace) -> int:
+    with repository(load(args)) as repo:
+        removed = rollouts.untag_device(repo, args.device_id, args.tags)
+        record_cli(repo.engine, "device.untag", f"device:{args.device_id}", {"removed": removed},
+                   now=now_ms())
+        tags = repo.rollouts.tags(args.device_id)
+    return emit([f"device {args.device_id}: tags {', '.join(tags) or '-'}"])
 
 
 def _approve(args: argparse.Namespace) -> int:

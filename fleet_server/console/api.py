@@ -46,7 +46,8 @@ from fleet_server.keys import ResultSigner
 from fleet_server.modelstore import admin as model_admin
 from fleet_server.modelstore.policy import policy_from_text
 from fleet_server.modelstore.store import PackageStore, Published
-from fleet_server.service import admin, releases
+from fleet_server.rollouts.plan import Group, Plan, RolloutError, parse_plan
+from fleet_server.service import admin, releases, rollouts
 from fleet_server.storage import alerting
 from fleet_server.storage.model_repo import EntitlementRecord, LeaseRecord, LoadRecord, VersionRecord
 from fleet_server.storage.model_tables import EntitlementKind
@@ -66,6 +67,8 @@ MAX_ID = (1 << 63) - 1
 ID = f"int(max={MAX_ID})"
 """URL converter of row ids: larger numbers are not ids (404), never a database overflow."""
 DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+ROLLOUT_STATE_RE = re.compile(r"^(draft|running|paused|completed|aborted|cancelled)$")
 ACTOR_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,96}$")
 TEXT_RE = re.compile(r"^[^\x00-\x1f\x7f]*$")
 MAX_REASON = 200
@@ -722,6 +725,201 @@ def assign_release(release_id: int) -> tuple[Response, int]:
                 "assignments": [a.assignment_id for a in done]})
     return _ok({"target": rec.target, "assignments": [
         {"assignment_id": a.assignment_id, "device_id": a.device_id, "deadline": a.deadline} for a in done]})
+
+
+# --------------------------------------------------------------------------------------------------
+# rollouts (firmware; fleet:deploy)
+# --------------------------------------------------------------------------------------------------
+MAX_GROUP_DEVICES = 10_000
+
+
+def _rollout_view(rollout_id: str) -> rollouts.RolloutView:
+    svc = services()
+    if rollouts.ROLLOUT_ID_RE.fullmatch(rollout_id) is None or svc.repo.rollouts.rollout(rollout_id) is None:
+        fail(404, f"no rollout {rollout_id[:40]!r}")
+    return rollouts.view(svc.repo, rollout_id, now=svc.now())
+
+
+def _rollout_summary(v: rollouts.RolloutView) -> dict[str, Any]:
+    return {k: val for k, val in rollouts.view_json(v).items() if k != "members"}
+
+
+@bp.get("/rollouts")
+@require(Right.VIEW_FLEET)
+def list_rollouts() -> tuple[Response, int]:
+    state = Query("state").text("state", pattern=ROLLOUT_STATE_RE, max_len=16)
+    svc = services()
+    found = svc.repo.rollouts.rollouts([state] if state else None)
+    return _ok({"items": [_rollout_summary(rollouts.view(svc.repo, r.id, now=svc.now())) for r in found]})
+
+
+@bp.get("/rollouts/<rollout_id>")
+@require(Right.VIEW_FLEET)
+def get_rollout(rollout_id: str) -> tuple[Response, int]:
+    Query()
+    return _ok(rollouts.view_json(_rollout_view(rollout_id)))
+
+
+def _strings(value: Any, key: str, pattern: re.Pattern[str], most: int) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > most or not all(
+            isinstance(v, str) and pattern.fullmatch(v) for v in value):
+        fail(400, f"{key!r}: a list of at most {most} strings matching {pattern.pattern}")
+    return tuple(value)
+
+
+def _group(value: Any, release: ReleaseRecord) -> Group:
+    if not isinstance(value, dict):
+        fail(400, "'group': an object with class, firmware, tags, devices")
+    unknown = sorted(set(value) - {"class", "firmware", "tags", "devices"})
+    if unknown:
+        fail(400, f"'group': unknown key {unknown[0][:40]!r} (it takes class, firmware, tags, devices)")
+    device_class = value.get("class", release.device_class)
+    firmware = value.get("firmware")
+    if not isinstance(device_class, str) or not NAME_RE.fullmatch(device_class):
+        fail(400, "'group.class': a device class")
+    if firmware is not None and (not isinstance(firmware, str) or not NAME_RE.fullmatch(firmware)):
+        fail(400, "'group.firmware': a firmware version")
+    return Group(device_class, firmware, _strings(value.get("tags", []), "group.tags", TAG_RE, 32),
+                 _strings(value.get("devices", []), "group.devices", DEVICE_ID_RE, MAX_GROUP_DEVICES))
+
+
+def _rollout_request(*extra: str) -> tuple[Body, str, str | None, Plan, Group]:
+    """The body of a new rollout: release, id, group, plan (and ``extra`` keys)."""
+    body = Body("release", "id", "group", "plan", *extra)
+    target = body.text("release", required=True, max_len=200)
+    rollout_id = body.text("id", pattern=rollouts.ROLLOUT_ID_RE, max_len=32)
+    plan_keys = body.value.get("plan", {})
+    if not isinstance(plan_keys, dict):
+        fail(400, "'plan': an object of plan keys (docs/rollouts.md)")
+    try:
+        plan = parse_plan(plan_keys)
+    except RolloutError as exc:
+        fail(400, exc.diagnostics())
+    assert target is not None
+    release = services().repo.releases.release(target)
+    if release is None:
+        fail(404, f"no release {target[:200]!r}")
+    return body, target, rollout_id, plan, _group(body.value.get("group", {}), release)
+
+
+@bp.post("/rollouts/dry-run")
+@require(Right.DEPLOY)
+def plan_rollout() -> tuple[Response, int]:
+    Query()
+    _, target, rollout_id, plan, group = _rollout_request()
+    try:
+        planned = rollouts.dry_run(services().repo, target=target, group=group, plan=plan,
+                                   rollout_id=rollout_id)
+    except RolloutError as exc:
+        fail(409, exc.diagnostics())
+    return _ok({"rollout_id": planned.rollout_id, "release": target, "phases": planned.phases})
+
+
+@bp.post("/rollouts")
+@require(Right.DEPLOY)
+def create_rollout() -> tuple[Response, int]:
+    Query()
+    svc, principal = services(), _principal()
+    body, target, rollout_id, plan, group = _rollout_request("draft")
+    try:
+        rec = rollouts.create_rollout(svc.repo, target=target, group=group, plan=plan, now=svc.now(),
+                                      actor=principal.actor, draft=body.flag("draft"), rollout_id=rollout_id)
+    except RolloutError as exc:
+        fail(409, exc.diagnostics())
+    view = rollouts.view(svc.repo, rec.id, now=svc.now())
+    svc.record(principal, "rollout.create", f"rollout:{rec.id}",
+               {"release": target, "state": rec.state, "devices": len(view.members), "plan": plan.to_json(),
+                "group": group.to_json()})
+    return _ok(rollouts.view_json(view), 201)
+
+
+def _rollout_action(rollout_id: str, action: str) -> tuple[Response, int]:
+    svc, principal = services(), _principal()
+    _rollout_view(rollout_id)  # 404 first
+    details: dict[str, Any] = {}
+    try:
+        if action == "pause":
+            rollouts.pause(svc.repo, rollout_id, now=svc.now())
+        elif action == "resume":
+            rollouts.resume(svc.repo, rollout_id, now=svc.now())
+        elif action == "cancel":
+            rollouts.cancel(svc.repo, rollout_id, now=svc.now(), actor=principal.actor)
+        elif action == "abort":
+            rollouts.abort(svc.repo, rollout_id, signer=_signer(svc), now=svc.now(), actor=principal.actor)
+        else:
+            phase = Body("phase", optional=True).value.get("phase")
+            if phase is not None and (not isinstance(phase, int) or isinstance(phase, bool)
+                                      or not 0 <= phase <= 1000):
+                fail(400, "'phase': a phase number")
+            details["phase"] = rollouts.approve(svc.repo, rollout_id, now=svc.now(), actor=principal.actor,
+                                                phase=phase)
+    except RolloutError as exc:
+        fail(409, exc.diagnostics())
+    view = _rollout_view(rollout_id)
+    svc.record(principal, f"rollout.{action}", f"rollout:{rollout_id}",
+               {"state": view.rollout.state, **details})
+    return _ok(rollouts.view_json(view))
+
+
+@bp.post("/rollouts/<rollout_id>/pause")
+@require(Right.DEPLOY)
+def pause_rollout(rollout_id: str) -> tuple[Response, int]:
+    Query()
+    Body(optional=True)
+    return _rollout_action(rollout_id, "pause")
+
+
+@bp.post("/rollouts/<rollout_id>/resume")
+@require(Right.DEPLOY)
+def resume_rollout(rollout_id: str) -> tuple[Response, int]:
+    Query()
+    Body(optional=True)
+    return _rollout_action(rollout_id, "resume")
+
+
+@bp.post("/rollouts/<rollout_id>/approve")
+@require(Right.DEPLOY)
+def approve_rollout(rollout_id: str) -> tuple[Response, int]:
+    Query()
+    return _rollout_action(rollout_id, "approve")
+
+
+@bp.post("/rollouts/<rollout_id>/cancel")
+@require(Right.DEPLOY)
+def cancel_rollout(rollout_id: str) -> tuple[Response, int]:
+    Query()
+    Body(optional=True)
+    return _rollout_action(rollout_id, "cancel")
+
+
+@bp.post("/rollouts/<rollout_id>/abort")
+@require(Right.DEPLOY)
+def abort_rollout(rollout_id: str) -> tuple[Response, int]:
+    Query()
+    Body(optional=True)
+    return _rollout_action(rollout_id, "abort")
+
+
+@bp.post("/devices/<device_id>/tags")
+@require(Right.DEPLOY)
+def tag_device(device_id: str) -> tuple[Response, int]:
+    Query()
+    svc, principal = services(), _principal()
+    dev = _device_id(device_id)
+    body = Body("add", "remove")
+    add = _strings(body.value.get("add", []), "add", TAG_RE, 32)
+    remove = _strings(body.value.get("remove", []), "remove", TAG_RE, 32)
+    if not add and not remove:
+        fail(400, "give tags to 'add' or 'remove'")
+    if svc.repo.device(dev) is None:
+        fail(404, f"no device {dev!r}")
+    try:
+        added = rollouts.tag_device(svc.repo, dev, add) if add else []
+        removed = rollouts.untag_device(svc.repo, dev, remove) if remove else []
+    except RolloutError as exc:
+        fail(409, exc.diagnostics())
+    svc.record(principal, "device.tag", f"device:{dev}", {"added": added, "removed": removed})
+    return _ok({"device_id": dev, "tags": svc.repo.rollouts.tags(dev)})
 
 
 # --------------------------------------------------------------------------------------------------

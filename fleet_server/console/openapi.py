@@ -22,6 +22,7 @@ from typing import Any
 from fleet_server.console.rbac import AUTHENTICATED, PUBLIC, Declared, Right
 from fleet_server.storage.models import AlertStatus, DeviceState
 from fleet_server.storage.release_tables import AssignmentState
+from fleet_server.storage.rollout_tables import MemberState, RolloutState
 from protocol.messages import OUTPUT_MODES
 
 __all__ = ["OPERATIONS", "PREFIX", "SCHEMAS", "Operation", "document"]
@@ -95,6 +96,20 @@ POLICY_KEYS: dict[str, Schema] = {
     "block_on_alarm": BOOL,
 }
 
+ROLLOUT_ID: Schema = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,31}$", "maxLength": 32}
+TAG: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$", "maxLength": 64}
+ROLLOUT_STATE: Schema = {"type": "string", "enum": [s.value for s in RolloutState]}
+MEMBER_STATE: Schema = {"type": "string", "enum": [s.value for s in MemberState]}
+_ROLLOUT: dict[str, Schema] = {
+    "id": STR, "kind": {"type": "string", "enum": ["firmware"]}, "release": STR, "state": ROLLOUT_STATE,
+    "phase": {**COUNT, "description": "the phase executing (0: the canary)"},
+    "reason": {**STR, "description": "why it was aborted or cancelled"},
+    "waiting": {**STR, "description": "why no device is assigned now (approval, window, rate), or empty"},
+    "created_at": TIME, "created_by": STR, "started_at": nullable(TIME), "finished_at": nullable(TIME),
+    "abort_trigger_at": {**nullable(TIME), "description": "when the failure that crossed the abort "
+                                                         "threshold happened"},
+    "group": ref("RolloutGroup"), "phases": array(ref("RolloutPhase"))}
+
 SCHEMAS: dict[str, Schema] = {
     "Error": obj({"error": STR, "status": INT, "detail": STR},
                  description="Every error: a short code (`bad_request`, `forbidden`, ...), the HTTP status "
@@ -149,6 +164,33 @@ SCHEMAS: dict[str, Schema] = {
                          required=["devices"]),
     "Assigned": obj({"target": STR, "assignments": array(obj({"assignment_id": STR, "device_id": STR,
                                                                "deadline": TIME}))}),
+    "RolloutPhase": obj({"devices": COUNT, "succeeded": COUNT, "failed": COUNT, "pending": COUNT,
+                         "assigned": COUNT, "approved": BOOL},
+                        description="One phase (index 0: the canary); `failed` counts every failure kind"),
+    "RolloutGroup": obj({"class": STR, "firmware": nullable(STR), "tags": array(STR), "devices": array(STR)}),
+    "Rollout": obj(_ROLLOUT),
+    "RolloutDetail": obj({**_ROLLOUT, "members": array(obj({
+        "device_id": STR, "phase": COUNT, "state": MEMBER_STATE, "attempts": COUNT,
+        "assignment_id": nullable(STR), "reason": STR, "assigned_at": nullable(TIME),
+        "finished_at": nullable(TIME)}))}),
+    "RolloutList": obj({"items": array(ref("Rollout"))}),
+    "NewRollout": obj({
+        "release": {"type": "string", "maxLength": 200, "description": "the release's target"},
+        "id": {**ROLLOUT_ID, "description": "the rollout's id (default: random)"},
+        "group": obj({"class": NAME, "firmware": NAME, "tags": array(TAG, maxItems=32),
+                      "devices": array(DEVICE_ID, maxItems=10_000)}, required=[],
+                     description="the target group: every criterion given must match"),
+        "plan": {"type": "object",
+                 "description": "the plan's keys (docs/rollouts.md): canary, canary_devices, phases, "
+                                "phase_counts, abort_failure_percent, min_executed, abort_on, "
+                                "device_timeout_s, retries, max_rate, approval, window, ..."},
+        "draft": {**BOOL, "description": "store it as a draft (resume starts it)"}},
+        required=["release"]),
+    "RolloutPlan": obj({"rollout_id": STR, "release": STR, "phases": array(array(STR))},
+                       description="the device ids of each phase (index 0: the canary)"),
+    "Approval": obj({"phase": {"type": "integer", "minimum": 0, "maximum": 1000}}, required=[]),
+    "DeviceTags": obj({"add": array(TAG, maxItems=32), "remove": array(TAG, maxItems=32)}, required=[]),
+    "Tags": obj({"device_id": DEVICE_ID, "tags": array(STR)}),
     "Attestation": obj({"id": INT, "device_id": STR, "challenge_id": STR, "issued_at": TIME,
                         "received_at": TIME, "stored_at": TIME, "latency_ms": INT,
                         "verdict": STR, "reasons": array(STR), "evidence_sha256": HEX,
@@ -265,6 +307,7 @@ P_MODEL = path_param("name", {"type": "string", "maxLength": 200}, "classifier")
 P_VERSION = path_param("version", {"type": "string", "maxLength": 64}, "1.0.0")
 P_ALERT = path_param("alert_id", ID_SCHEMA, 1)
 P_RELEASE = path_param("release_id", ID_SCHEMA, 1)
+P_ROLLOUT = path_param("rollout_id", {"type": "string", "maxLength": 200}, "r1")
 P_KIND = path_param("kind", {"type": "string", "maxLength": 16}, "class", "`device` or `class`")
 P_SUBJECT = path_param("subject", {"type": "string", "maxLength": 200}, "edge-camera",
                        "the device id or device class")
@@ -329,6 +372,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/devices/{device_id}/quarantine", "api.quarantine_device", Right.QUARANTINE, "devices",
               "Quarantine an attested device (a signed revocation is queued)", (200, "Transition"),
               (P_DEVICE,), "Reason", body_required=False, errors=(409,)),
+    Operation("post", "/devices/{device_id}/tags", "api.tag_device", Right.DEPLOY, "devices",
+              "Add or remove a device's tags (rollout target groups select by tag)", (200, "Tags"),
+              (P_DEVICE,), "DeviceTags", errors=(409,)),
     Operation("post", "/devices/{device_id}/reattest", "api.reattest", Right.REATTEST, "devices",
               "Challenge an attested device at the scheduler's next round", (200, "Transition"), (P_DEVICE,),
               errors=(409,)),
@@ -362,6 +408,36 @@ OPERATIONS: tuple[Operation, ...] = (
               description="The release's reference values are accepted for a device from now until the "
                           "deadline, and for good once it commits; what it ran before stays acceptable "
                           "until the commit plus the grace."),
+    # rollouts
+    Operation("get", "/rollouts", "api.list_rollouts", Right.VIEW_FLEET, "rollouts",
+              "Staged rollouts, newest first, with their progress per phase", (200, "RolloutList"),
+              (query("state", ROLLOUT_STATE, "only rollouts in this state"),)),
+    Operation("get", "/rollouts/{rollout_id}", "api.get_rollout", Right.VIEW_FLEET, "rollouts",
+              "One rollout: progress per phase and every device", (200, "RolloutDetail"), (P_ROLLOUT,)),
+    Operation("post", "/rollouts", "api.create_rollout", Right.DEPLOY, "rollouts",
+              "Create and start (unless `draft`) a staged rollout of a firmware release",
+              (201, "RolloutDetail"), (), "NewRollout", errors=(404, 409),
+              description="The workers assign the devices, phase by phase."),
+    Operation("post", "/rollouts/dry-run", "api.plan_rollout", Right.DEPLOY, "rollouts",
+              "The devices each phase of a new rollout would take (nothing is stored)", (200, "RolloutPlan"),
+              (), "PlannedRollout", errors=(404, 409),
+              description="Creating the rollout with the answered `rollout_id` as `id` gives exactly this "
+                          "split."),
+    Operation("post", "/rollouts/{rollout_id}/pause", "api.pause_rollout", Right.DEPLOY, "rollouts",
+              "Pause a running rollout (no new assignments)", (200, "RolloutDetail"), (P_ROLLOUT,),
+              errors=(409,)),
+    Operation("post", "/rollouts/{rollout_id}/resume", "api.resume_rollout", Right.DEPLOY, "rollouts",
+              "Resume a paused rollout, or start a draft", (200, "RolloutDetail"), (P_ROLLOUT,),
+              errors=(409,)),
+    Operation("post", "/rollouts/{rollout_id}/approve", "api.approve_rollout", Right.DEPLOY, "rollouts",
+              "Approve a phase (default: the first not approved yet)", (200, "RolloutDetail"), (P_ROLLOUT,),
+              "Approval", body_required=False, errors=(409,)),
+    Operation("post", "/rollouts/{rollout_id}/cancel", "api.cancel_rollout", Right.DEPLOY, "rollouts",
+              "Stop a rollout for good (no alert, no rollback)", (200, "RolloutDetail"), (P_ROLLOUT,),
+              errors=(409,)),
+    Operation("post", "/rollouts/{rollout_id}/abort", "api.abort_rollout", Right.DEPLOY, "rollouts",
+              "Abort a rollout: a critical alert; updated devices go back to their previous release if "
+              "the plan says so", (200, "RolloutDetail"), (P_ROLLOUT,), errors=(409,)),
     # models
     Operation("get", "/models", "api.list_models", Right.MODEL_READ, "models", "Published models",
               (200, "ModelList")),
@@ -432,6 +508,8 @@ OPERATIONS: tuple[Operation, ...] = (
               "Verify the audit log's hash chain", (200, "AuditReport")),
 )
 
+SCHEMAS["PlannedRollout"] = obj(
+    {k: v for k, v in SCHEMAS["NewRollout"]["properties"].items() if k != "draft"}, required=["release"])
 SCHEMAS["ReleaseDetail"] = obj({**SCHEMAS["Release"]["properties"], "assignments": array(ref("Assignment"))},
                                description="A release with its newest assignments.")
 SCHEMAS["PolicyDetail"] = obj({**SCHEMAS["PolicyHeader"]["properties"], "reference": FREE_OBJECT},
@@ -445,6 +523,7 @@ ERROR_TEXT = {400: "Invalid input (the detail names the parameter or key)", 401:
 TAGS = (("meta", "The description and the caller"), ("devices", "Devices and the fleet actions on them"),
         ("attestations", "Appraisal results"), ("policies", "Reference values"),
         ("releases", "Firmware releases and their assignment to devices"),
+        ("rollouts", "Staged rollouts of firmware releases, gated on attestation"),
         ("models", "Protected models: publishing, policies, entitlements, retirement"),
         ("alerts", "Alerts and their handling"), ("audit", "The hash-chained audit log"))
 

@@ -26,7 +26,7 @@ from fleet_server.keys import ResultSigner
 from fleet_server.storage.models import ATTESTED_STATES
 from fleet_server.storage.release_repo import AssignmentRecord, NewAssignment, NewRelease, ReleaseRecord
 from fleet_server.storage.release_tables import AssignmentState, ReleaseState
-from fleet_server.storage.repo import Repository
+from fleet_server.storage.repo import Repository, Tx
 from fleet_server.updates.bundle_dir import read_bundle_dir
 from fleet_server.updates.targets import FIRMWARE_ROLE, TargetStore
 from protocol import topics
@@ -125,46 +125,50 @@ def assign_release(repo: Repository, target: str, device_ids: Sequence[str], *, 
     for device_id in device_ids:
         validate_device_id(device_id)
     deadline = now + round(deadline_s * 1000)
-    out: list[Assigned] = []
     with repo.write("assigning a release") as tx:
         release = tx.releases.release(target)
         if release is None:
             raise ReleaseError(f"no release {target[:200]!r}")
-        if release.state != ReleaseState.ACTIVE:
-            raise ReleaseError(f"release {target} is {release.state}")
-        latest = tx.releases.latest_assignments(list(device_ids))
-        attested = tx.releases.attested_releases(list(device_ids))
-        for device_id in sorted(set(device_ids)):
-            device = tx.device_identity(device_id)
-            if device is None:
-                raise ReleaseError(f"no device {device_id!r}")
-            if device.state not in ATTESTED_STATES:
-                raise ReleaseError(f"device {device_id} is {device.state}; releases go to attested devices")
-            if device.device_class != release.device_class:
-                raise ReleaseError(f"device {device_id} is of class {device.device_class}, the release is "
-                                   f"for {release.device_class}")
-            current = latest.get(device_id)
-            if current is not None and current.state not in _FINAL:
-                if now < current.deadline:
-                    raise ReleaseError(f"device {device_id} is still installing {current.target} "
-                                       f"({current.state}) until {current.deadline}")
-                # Its deadline passed without a commit (and without a report): it is over.
-                tx.releases.set_assignment_state(current.id, state=AssignmentState.FAILED,
-                                                 reason="deadline passed without a commit", now=now)
-            if attested.get(device_id) == release.id:
-                raise ReleaseError(f"device {device_id} runs {target} already")
-            assignment_id = new_message_id()
-            tx.releases.insert_assignment(NewAssignment(
-                id=assignment_id, device_id=device_id, release_id=release.id, deadline=deadline,
-                grace_ms=round(grace_s * 1000), previous_release_id=attested.get(device_id),
-                previous_class=device.device_class, previous_version=device.firmware_version,
-                created_at=now, created_by=actor))
-            message = UpdateAssignment(assignment_id=assignment_id, kind="firmware", target=target,
-                                       version=release.version, deadline=deadline)
-            tx.add_outbox(topics.device_down(device_id, DOWN_UPDATE),
-                          signer.sign(message, aud=device_id, ts=now), now)
-            out.append(Assigned(assignment_id, device_id, target, deadline))
-    return out
+        return [assign_in_tx(tx, release, device_id, signer=signer, now=now, deadline=deadline,
+                             grace_ms=round(grace_s * 1000), actor=actor)
+                for device_id in sorted(set(device_ids))]
+
+
+def assign_in_tx(tx: Tx, release: ReleaseRecord, device_id: str, *, signer: ResultSigner, now: int,
+                 deadline: int, grace_ms: int, actor: str) -> Assigned:
+    """Assign ``release`` to one device in the caller's write transaction (the checks and the signed
+    message of :func:`assign_release`; a staged rollout assigns through it too)."""
+    if release.state != ReleaseState.ACTIVE:
+        raise ReleaseError(f"release {release.target} is {release.state}")
+    device = tx.device_identity(device_id)
+    if device is None:
+        raise ReleaseError(f"no device {device_id!r}")
+    if device.state not in ATTESTED_STATES:
+        raise ReleaseError(f"device {device_id} is {device.state}; releases go to attested devices")
+    if device.device_class != release.device_class:
+        raise ReleaseError(f"device {device_id} is of class {device.device_class}, the release is "
+                           f"for {release.device_class}")
+    current = tx.releases.latest_assignments([device_id]).get(device_id)
+    attested = tx.releases.attested_releases([device_id]).get(device_id)
+    if current is not None and current.state not in _FINAL:
+        if now < current.deadline:
+            raise ReleaseError(f"device {device_id} is still installing {current.target} "
+                               f"({current.state}) until {current.deadline}")
+        # Its deadline passed without a commit (and without a report): it is over.
+        tx.releases.set_assignment_state(current.id, state=AssignmentState.FAILED,
+                                         reason="deadline passed without a commit", now=now)
+    if attested == release.id:
+        raise ReleaseError(f"device {device_id} runs {release.target} already")
+    assignment_id = new_message_id()
+    tx.releases.insert_assignment(NewAssignment(
+        id=assignment_id, device_id=device_id, release_id=release.id, deadline=deadline,
+        grace_ms=grace_ms, previous_release_id=attested, previous_class=device.device_class,
+        previous_version=device.firmware_version, created_at=now, created_by=actor))
+    message = UpdateAssignment(assignment_id=assignment_id, kind="firmware", target=release.target,
+                               version=release.version, deadline=deadline)
+    tx.add_outbox(topics.device_down(device_id, DOWN_UPDATE), signer.sign(message, aud=device_id, ts=now),
+                  now)
+    return Assigned(assignment_id, device_id, release.target, deadline)
 
 
 def status_problem(assignment: AssignmentRecord, *, state: str, target: str, reason: str,

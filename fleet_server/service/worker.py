@@ -10,7 +10,8 @@ Threads of a :class:`Worker`
   publishes the signed replies after the commit;
 * **housekeeping** (``fleet-house-<n>``): every ``attestation.scheduler_tick`` runs a
   :class:`~fleet_server.service.scheduler.Scheduler` round (only while connected: challenges sent
-  into a dead connection would only count as misses), publishes the outbox (also as soon as the
+  into a dead connection would only count as misses) and a step of every running staged rollout
+  (:class:`~fleet_server.service.rollouts.RolloutStepper`), publishes the outbox (also as soon as the
   processing thread committed outbox rows), flushes counters to the database every
   :data:`COUNTER_FLUSH_S` seconds and deletes old history every :data:`PRUNE_S` seconds.
 
@@ -47,6 +48,7 @@ from fleet_server.service.context import ServiceContext
 from fleet_server.service.crl import CrlRenewer
 from fleet_server.service.outbox import OutboxPublisher
 from fleet_server.service.processor import Processor
+from fleet_server.service.rollouts import RolloutStepper
 from fleet_server.service.scheduler import Scheduler
 from fleet_server.service.tuf_files import RepositoryFiles
 from fleet_server.storage.db import create_engine, describe_url
@@ -94,6 +96,7 @@ class Worker:
                                    ak_cache_size=config.cache_devices, boot_cache_size=config.cache_devices,
                                    update_files=update_files)
         self.scheduler = Scheduler(self.ctx, self.repo, self.counters)
+        self.rollouts = RolloutStepper(self.repo, self.ctx.signer, self.counters)
         self.outbox = OutboxPublisher(self.repo, self.ctx.clock, self.counters)
         mq = config.mqtt
         self.client_id = (f"fleet-server-{socket.gethostname()[:24]}-{os.getpid()}-{index}-"
@@ -224,6 +227,7 @@ class Worker:
                 next_tick = now + tick
                 if self.client.connected:
                     self._guard("scheduler", self._scheduler_round)
+                    self._guard("rollouts", self._rollout_step)
             if now >= next_flush:
                 next_flush = now + COUNTER_FLUSH_S
                 self._guard("counters", self.flush_counters)
@@ -252,6 +256,11 @@ class Worker:
     def _scheduler_round(self) -> None:
         _, out = self.scheduler.run_once()
         self.publish(out)
+
+    def _rollout_step(self) -> None:
+        if any(r.assigned or r.abort_latency_ms is not None for r in
+               self.rollouts.run_once(self.ctx.clock.now_ms())):
+            self._outbox_due.set()
 
     def flush_counters(self) -> None:
         """Add this worker's counters accumulated since the last flush to the database."""

@@ -241,8 +241,9 @@ class Alert(SQLModel, table=True):
     """Something an admin should look at, raised by a rule on an event (see docs/alerts).
 
     ``kind``: attestation_failure | unreachable | key_release_off_hours | model_download_off_hours |
-    key_request_untrusted | extraction_suspected | ... ; ``dedup_key`` keeps one open alert per
-    (kind, subject): a rule firing again while its alert is open bumps ``count``/``last_seen_at``.
+    key_request_untrusted | extraction_suspected | rollout_aborted | ... ; ``dedup_key`` keeps one
+    open alert per (kind, subject): a rule firing again while its alert is open bumps
+    ``count``/``last_seen_at``.
     """
 
     id: int | None = Field(default=None, primary_key=True)
@@ -265,4 +266,9 @@ class Alert(SQLModel, table=True):
 
 # Tables of later areas live in their own modules (one owner each) and register on the same
 # metadata when imported here, so `models` stays the single import that defines the schema.
-from fleet_server.storage import console_tables, model_tables, release_tables  # noqa: E402, F401
+from fleet_server.storage import (  # noqa: E402, F401
+    console_tables,
+    model_tables,
+    release_tables,
+    rollout_tables,
+)

@@ -54,6 +54,7 @@ from fleet_server.storage.db import storage_error, write_connection
 from fleet_server.storage.model_repo import ModelReads, ModelTx
 from fleet_server.storage.models import ATTESTED_STATES, ChallengeStatus, DeviceState
 from fleet_server.storage.release_repo import ReleaseReads, ReleaseTx
+from fleet_server.storage.rollout_repo import RolloutReads, RolloutTx
 from protocol.errors import StorageError
 
 _TABLES = models.SQLModel.metadata.tables
@@ -651,6 +652,12 @@ class Tx:
         """The release tables in this transaction (:mod:`fleet_server.storage.release_repo`)."""
         return ReleaseTx(self.conn)
 
+    @property
+    def rollouts(self) -> RolloutTx:
+        """The rollout tables and device tags in this transaction
+        (:mod:`fleet_server.storage.rollout_repo`)."""
+        return RolloutTx(self.conn)
+
     # -- generic -----------------------------------------------------------------------------------
     def _all(self, stmt: Any, params: Mapping[str, Any] | None = None) -> Sequence[Row[Any]]:
         return self.conn.execute(stmt, params or {}).all()
@@ -1043,6 +1050,11 @@ class Repository:
     def releases(self) -> ReleaseReads:
         """Reads of the release tables (:mod:`fleet_server.storage.release_repo`)."""
         return ReleaseReads(self.engine)
+
+    @property
+    def rollouts(self) -> RolloutReads:
+        """Reads of the rollout tables (:mod:`fleet_server.storage.rollout_repo`)."""
+        return RolloutReads(self.engine)
 
     # -- devices -----------------------------------------------------------------------------------
     def crl_serials(self, now: int) -> list[str]:

@@ -19,7 +19,8 @@ simulated device (swtpm, measured A/B boot) whose reboots are power cycles
   power cycles its agents ask for;
 * a model published after `updates init` reaches a device with `[update]` and `[models]` through TUF
   (the ``models`` role's target), not ``model-fetch``, and is unlocked and served; a damaged served
-  package target is refused by TUF, reported, and not fetched with ``model-fetch`` instead.
+  package target is refused by TUF, reported, and not fetched with ``model-fetch`` instead; a model
+  published before `updates init` (no such target in the verified metadata) comes with ``model-fetch``.
 """
 
 from __future__ import annotations
@@ -469,3 +470,35 @@ def test_a_damaged_model_target_is_refused_by_tuf_reported_and_not_fetched_anoth
     assert worker.counters.get("sent.model.chunk") == 0
     assert not list((rig.folder / "state" / "models").glob("*.pkg"))
     assert agent.status().trusted  # the device itself stays trusted: only the package was refused
+
+
+def test_a_model_published_before_updates_init_is_not_a_target_and_comes_with_model_fetch(
+        tmp_path: Path, data_dir: Path, broker: MosquittoBroker, worker: Worker,
+        manufacturer_ca: ManufacturerCA, make_agent: AgentFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    publish_model(data_dir, capsys)  # no update repository yet: the package is no TUF target
+    run_cli(capsys, fleet_server, "updates", "init", "--config", str(data_dir / "server.toml"))
+    rig = make_rig(tmp_path, data_dir, broker, manufacturer_ca, make_agent, capsys)
+    rig.cycler = PowerCycler(rig.power_cycle)
+    try:
+        with_models(rig)
+        agent = rig.start_agent()
+
+        def serving(s: Any) -> bool:
+            m = s.models.get("models", {}).get(MODEL) or {}
+            return bool(m.get("serving_version") == "1.0.0" and not m.get("locked"))
+
+        wait_status(agent, serving, "the model fetched with model-fetch, keyed and unlocked",
+                    timeout=UPDATE_WAIT)
+        counters = vault(agent)["counters"]
+        # The verified metadata lists no such target: safe to fall back, the package is checked
+        # against the signed offer's digest and its signed manifest all the same.
+        assert counters.get("tuf_not_found") == 1 and "tuf_downloads" not in counters, counters
+        assert counters.get("model_fetch_requests", 0) >= 1 and counters.get("packages_stored") == 1, counters
+        assert worker.counters.get("sent.model.chunk") >= 1
+        assert predict(agent) == 200
+    finally:
+        rig.cycler.close()
+        for started in rig.agents:
+            started.stop()
+        rig.device.shutdown()

@@ -13,6 +13,11 @@ Flow (docs/model-protection.md, "Device side"):
    the package in chunks (``model-fetch`` up, ``model-chunk`` down); vet it (offer digest, signed
    manifest, not older than the highest accepted version); raise the version mark in the TPM-signed,
    NV-counter-protected state file; keep the package (ciphertext, 0600). An older version is refused.
+   With an update channel (the agent's TUF client, ``channel``) the package is instead the ``models``
+   role's target ``models/<name>/<version>.pkg``, downloaded on the channel thread
+   (``agent-<id>-vault-tuf``) and vetted the same way once its signed custom metadata names the
+   offered package; ``model-fetch`` is used then only for a package the verified metadata does not
+   list, never after TUF refused one (docs/model-protection.md, "Packages through the update channel").
 2. When the device is trusted (latest verified verdict) and a model is held but not serving: a bound
    key for the current PCR state of the server's selection, certified by the AK with the key-request
    qualifier -> ``key-request`` up.

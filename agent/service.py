@@ -17,7 +17,9 @@ Threads of one agent
 * with ``[update]``, the update thread (``agent-<id>-update``, :mod:`agent.update.runner`): installs
   assigned releases; its TUF client's refreshes and downloads run there, the main loop only hands it
   the ``tuf-chunk`` frames of the device's own topic (before any signature check: python-tuf
-  verifies what they make up).
+  verifies what they make up).  With ``[models]`` too, the vault's channel thread
+  (``agent-<id>-vault-tuf``) downloads model packages through the same TUF client (one refresh or
+  download at a time; see :mod:`agent.vault.vault`).
 * the MQTT client's own network thread (:class:`protocol.mqtt.MqttClient`), which reconnects with
   exponential backoff and jitter (``mqtt.reconnect_min`` .. ``mqtt.reconnect_max``).
 
@@ -275,11 +277,13 @@ class Agent:
         ensure_dir(self.config.state_dir)
         keys = load_signing_keys(self.config.server.signing_public_key)
         self._verifier = MessageVerifier(keys, max_skew=self.config.server.max_clock_skew)
-        if self.config.models is not None:  # pinned model key and clients file are checked here
-            self._vault = ModelVault(self.config, tpm=self._tpm_adapter, trust=self._trust, clock=self._clock,
-                                     log=self._log)
         if self.config.update is not None:
             self._updates = self._update_runner()
+        if self.config.models is not None:  # pinned model key and clients file are checked here
+            # With the agent's own TUF client, model packages come through it too (the vault's
+            # channel thread); without one, with model-fetch.
+            self._vault = ModelVault(self.config, tpm=self._tpm_adapter, trust=self._trust, clock=self._clock,
+                                     log=self._log, channel=self._tuf)
         self._enrolled = self._identity.certificate() is not None
         self._set_phase("starting")
         self._log.info("agent_starting", version=self._version, enrolled=self._enrolled,

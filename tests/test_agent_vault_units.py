@@ -39,6 +39,7 @@ from agent.vault.leases import LeaseClock
 from agent.vault.store import PackageStore
 from agent.vault.telemetry import AuditLog, UsageTracker, build_telemetry, verify_chain
 from agent.vault.unlock import ModelBuffer, guard_policy, open_session
+from agent.vault.vault import _custom_mismatch, model_target
 from firmware_sim.swtpm import Swtpm
 from firmware_sim.testmodel import classifier_io_signature, small_classifier
 from fleet_server.keybroker import wrap_data_key
@@ -142,6 +143,22 @@ def stage(store: PackageStore, data: bytes, ref: ModelRef) -> None:
         os.pwrite(fd, data, 0)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(("custom", "reason"), [
+    ({"name": "other", "version": "1.0.0"}, "names 'other' '1.0.0'"),
+    ({"name": "classifier", "version": "0.9.0"}, "names 'classifier' '0.9.0'"),
+    ({"name": "classifier", "version": "1.0.0", "package_sha256": "00" * 32}, "package_sha256 is not the"),
+    ({"name": "classifier", "version": "1.0.0"}, "package_sha256 is not the"),
+])
+def test_a_channel_target_must_name_the_signed_offers_package(custom: dict[str, object], reason: str) -> None:
+    digest = hashlib.sha256(b"package").digest()
+    ref = ModelRef(name="classifier", version="1.0.0", size=7, package_sha256=digest)
+    assert model_target("classifier", "1.0.0") == "models/classifier/1.0.0.pkg"
+    assert _custom_mismatch(ref, {"name": "classifier", "version": "1.0.0",
+                                  "package_sha256": digest.hex()}) is None
+    mismatch = _custom_mismatch(ref, custom)
+    assert mismatch is not None and reason in mismatch
 
 
 def test_store_vets_accepts_and_commits_a_genuine_package(tmp_path: Path) -> None:

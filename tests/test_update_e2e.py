@@ -16,11 +16,17 @@ simulated device (swtpm, measured A/B boot) whose reboots are power cycles
 * a download python-tuf refuses (the served target damaged) is reported ``failed`` with its reason,
   and the next assignment installs and commits;
 * the fleet harness provisions its devices for updates (``FleetConfig(updates=True)``) and runs the
-  power cycles its agents ask for.
+  power cycles its agents ask for;
+* a model published after `updates init` reaches a device with `[update]` and `[models]` through TUF
+  (the ``models`` role's target), not ``model-fetch``, and is unlocked and served; a damaged served
+  package target is refused by TUF, reported, and not fetched with ``model-fetch`` instead; a model
+  published before `updates init` (no such target in the verified metadata) comes with ``model-fetch``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import logging
 import re
@@ -28,6 +34,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +47,7 @@ from firmware_sim.device import SimulatedDevice
 from firmware_sim.fleet import FleetConfig, running_fleet
 from firmware_sim.manufacturer import ManufacturerCA
 from firmware_sim.power import PowerCycler
+from firmware_sim.testmodel import small_classifier
 from fleet_server.cli import main as fleet_server
 from fleet_server.service.worker import Worker
 
@@ -119,6 +127,8 @@ class Rig:
     make_agent: AgentFactory
     agents: list[Agent] = field(default_factory=list)
     cycler: PowerCycler | None = None
+    extra: str = ""
+    """More agent configuration (``[models]``, ``[inference]``), appended to what every start writes."""
 
     @property
     def agent(self) -> Agent:
@@ -145,7 +155,7 @@ reconnect_min = 0.1
 reconnect_max = 1.0
 [server]
 signing_public_key = "{self.claim / 'server-signing.pub.pem'}"
-""" + self.device.update_table(self.root))
+""" + self.device.update_table(self.root) + self.extra)
         return path
 
     def start_agent(self) -> Agent:
@@ -356,3 +366,139 @@ def test_the_fleet_harness_provisions_its_devices_for_updates_and_power_cycles_t
         wait_until(lambda: harness.agent_status()[device_id].trusted, timeout=UPDATE_WAIT,
                    what="the device trusted on the new release")
         assert harness.device_states()[device_id].state == "trusted"
+
+
+# -- model packages through the update channel ---------------------------------------------------------
+MODEL = "classifier"
+MODEL_TOKEN = "vision-app-token-0123456789"
+
+
+def publish_model(fleet_dir: Path, capsys: pytest.CaptureFixture[str]) -> bytes:
+    """`model publish` (after `updates init`: the package is also a target of the ``models`` role) and
+    `model entitle` for the device's class; the model's plaintext."""
+    config = str(fleet_dir / "server.toml")
+    model = small_classifier(seed=5)
+    model_file = fleet_dir.parent / "classifier.onnx"
+    model_file.write_bytes(model)
+    run_cli(capsys, fleet_server, "model", "publish", str(model_file), "--name", MODEL, "--version", "1.0.0",
+            "--deploy", "--config", config)
+    run_cli(capsys, fleet_server, "model", "entitle", MODEL, "--device-class", CLASS, "--config", config)
+    return model
+
+
+def with_models(rig: Rig) -> None:
+    """The rig's agent also runs the model vault and its local inference API."""
+    rig.folder.mkdir(parents=True, exist_ok=True)
+    (rig.folder / "clients.toml").write_text(
+        f'[clients.vision-app]\ntoken_sha256 = "{hashlib.sha256(MODEL_TOKEN.encode()).hexdigest()}"\n')
+    rig.extra = f"""
+[models]
+signing_public_key = "{rig.claim / 'model-signing.pub.pem'}"
+telemetry_interval = 1
+harden_process = false
+[inference]
+port = 0
+clients_file = "clients.toml"
+"""
+
+
+def vault(agent: Agent) -> dict[str, Any]:
+    return dict(agent.status().models)
+
+
+def predict(agent: Agent) -> int:
+    host, port = vault(agent)["inference_address"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        body = json.dumps({"inputs": {"input": [[0.5] * 16]}}).encode()
+        conn.request("POST", f"/v1/models/{MODEL}:predict", body,
+                     {"Authorization": f"Bearer {MODEL_TOKEN}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_a_model_published_after_updates_init_is_installed_through_tuf_and_served(
+        fleet_dir: Path, rig: Rig, worker: Worker, capsys: pytest.CaptureFixture[str]) -> None:
+    model = publish_model(fleet_dir, capsys)
+    with_models(rig)
+    agent = rig.start_agent()
+
+    def serving(s: Any) -> bool:
+        m = s.models.get("models", {}).get(MODEL) or {}
+        return bool(m.get("serving_version") == "1.0.0" and not m.get("locked"))
+
+    wait_status(agent, serving, "the model installed through TUF, keyed and unlocked", timeout=UPDATE_WAIT)
+    assert predict(agent) == 200
+    status = vault(agent)
+    assert status["channel"] == "tuf"
+    counters = status["counters"]
+    assert counters.get("tuf_downloads") == 1 and counters.get("packages_stored") == 1, counters
+    assert "model_fetch_requests" not in counters and "chunks_received" not in counters, counters
+    assert worker.counters.get("sent.model.chunk") == 0  # the server answered no model-fetch
+    package = (rig.folder / "state" / "models" / f"{MODEL}-1.0.0.pkg").read_bytes()
+    assert worker.counters.get("tuf.bytes_sent") >= len(package)
+    [served] = (fleet_dir / "updates" / "targets" / "models" / MODEL).glob("*.1.0.0.pkg")
+    assert served.read_bytes() == package  # kept as served: ciphertext
+    agent.stop()
+    for path in rig.folder.rglob("*"):
+        if path.is_file():
+            assert model not in path.read_bytes(), path
+
+
+def test_a_damaged_model_target_is_refused_by_tuf_reported_and_not_fetched_another_way(
+        fleet_dir: Path, rig: Rig, worker: Worker, capsys: pytest.CaptureFixture[str]) -> None:
+    publish_model(fleet_dir, capsys)
+    # The server's copy of the package target is damaged (same length): its signed hashes no longer match.
+    [served] = (fleet_dir / "updates" / "targets" / "models" / MODEL).glob("*.1.0.0.pkg")
+    good = served.read_bytes()
+    served.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    with_models(rig)
+    agent = rig.start_agent()
+    wait_status(agent, lambda s: s.models.get("counters", {}).get("tuf_refused", 0) >= 1,
+                "TUF refusing the damaged package", timeout=UPDATE_WAIT)
+    status = vault(agent)
+    entry = status["models"][MODEL]
+    assert entry["locked"] and entry["version"] is None, entry
+    assert entry["last_error"].startswith("1.0.0 refused by the update channel: downloading target "
+                                          f"models/{MODEL}/1.0.0.pkg: refused by TUF: "
+                                          "LengthOrHashMismatchError"), entry
+    counters = status["counters"]
+    assert "model_fetch_requests" not in counters and "packages_stored" not in counters, counters
+    assert worker.counters.get("sent.model.chunk") == 0
+    assert not list((rig.folder / "state" / "models").glob("*.pkg"))
+    assert agent.status().trusted  # the device itself stays trusted: only the package was refused
+
+
+def test_a_model_published_before_updates_init_is_not_a_target_and_comes_with_model_fetch(
+        tmp_path: Path, data_dir: Path, broker: MosquittoBroker, worker: Worker,
+        manufacturer_ca: ManufacturerCA, make_agent: AgentFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    publish_model(data_dir, capsys)  # no update repository yet: the package is no TUF target
+    run_cli(capsys, fleet_server, "updates", "init", "--config", str(data_dir / "server.toml"))
+    rig = make_rig(tmp_path, data_dir, broker, manufacturer_ca, make_agent, capsys)
+    rig.cycler = PowerCycler(rig.power_cycle)
+    try:
+        with_models(rig)
+        agent = rig.start_agent()
+
+        def serving(s: Any) -> bool:
+            m = s.models.get("models", {}).get(MODEL) or {}
+            return bool(m.get("serving_version") == "1.0.0" and not m.get("locked"))
+
+        wait_status(agent, serving, "the model fetched with model-fetch, keyed and unlocked",
+                    timeout=UPDATE_WAIT)
+        counters = vault(agent)["counters"]
+        # The verified metadata lists no such target: safe to fall back, the package is checked
+        # against the signed offer's digest and its signed manifest all the same.
+        assert counters.get("tuf_not_found") == 1 and "tuf_downloads" not in counters, counters
+        assert counters.get("model_fetch_requests", 0) >= 1 and counters.get("packages_stored") == 1, counters
+        assert worker.counters.get("sent.model.chunk") >= 1
+        assert predict(agent) == 200
+    finally:
+        rig.cycler.close()
+        for started in rig.agents:
+            started.stop()
+        rig.device.shutdown()

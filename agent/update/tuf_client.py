@@ -24,6 +24,7 @@ returned.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,12 +41,17 @@ from agent.statefile import ensure_dir, read_optional
 from agent.update.mqtt_fetcher import METADATA_BASE_URL, TARGET_BASE_URL, MqttFetcher, Publisher
 from protocol.errors import ConfigError, StorageError, UpdateError, UpdateVerificationError
 
-__all__ = ["METADATA_FOLDER", "UpdateClient", "VerifiedTarget", "measure_refresh_ms"]
+__all__ = ["METADATA_FOLDER", "TargetNotFound", "UpdateClient", "VerifiedTarget", "measure_refresh_ms"]
 
 METADATA_FOLDER = "tuf"
 """Sub-folder of the agent's state folder holding the trusted TUF metadata."""
 MAX_ROOT_SIZE = 512_000  # ngclient's default root_max_length
 _T = TypeVar("_T")
+
+
+class TargetNotFound(UpdateError):
+    """The repository's verified metadata lists no such target (python-tuf found no delegated role
+    naming it): nothing was downloaded, and nothing was refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +69,10 @@ class UpdateClient:
     """TUF client of one device (see the module docstring).
 
     ``metadata_dir``: where trusted metadata is kept (created 0700); ``root``: the provisioned root
-    metadata (bytes); ``fetcher``: the transport (:class:`MqttFetcher`). Not thread-safe: one thread
-    refreshes and downloads (ngclient's ``Updater`` is single-instance per folder).
+    metadata (bytes); ``fetcher``: the transport (:class:`MqttFetcher`). Thread-safe by
+    serialising: one refresh or download runs at a time (ngclient's ``Updater`` is single-instance
+    per folder, and the fetcher has one inbox), so the update thread (firmware) and the vault's
+    channel thread (model packages) may share one client.
     """
 
     def __init__(self, *, metadata_dir: Path, root: bytes, fetcher: MqttFetcher,
@@ -75,6 +83,7 @@ class UpdateClient:
         self.fetcher = fetcher
         self._config = config or UpdaterConfig()
         self._updater: Updater | None = None
+        self._lock = threading.RLock()
 
     @classmethod
     def from_config(cls, config: AgentConfig, client: Publisher, *,
@@ -106,10 +115,11 @@ class UpdateClient:
         when it cannot be downloaded; the trusted metadata on disk is then what it was, and the next
         :meth:`fetch_target` refreshes again first.
         """
-        self._updater = None  # fail closed: no download on the metadata of an earlier refresh
-        updater = self._new_updater()
-        self._guard("refreshing the update metadata", updater.refresh)
-        self._updater = updater
+        with self._lock:
+            self._updater = None  # fail closed: no download on the metadata of an earlier refresh
+            updater = self._new_updater()
+            self._guard("refreshing the update metadata", updater.refresh)
+            self._updater = updater
 
     def fetch_target(self, target_path: str, *, max_length: int, refresh: bool = True) -> VerifiedTarget:
         """Refresh the metadata, then download ``target_path`` into memory and return it verified;
@@ -120,16 +130,21 @@ class UpdateClient:
         for weeks, and a target assigned now must be looked up in metadata that is current now (a
         release signed since, a timestamp expired since), not in what the first assignment fetched.
 
-        Raises :class:`UpdateError` when the metadata lists no such target, it is too large or cannot
-        be downloaded; :class:`UpdateVerificationError` when python-tuf refuses metadata or bytes.
+        Raises :class:`TargetNotFound` (an :class:`UpdateError`) when the verified metadata lists no
+        such target, :class:`UpdateError` when it is too large or cannot be downloaded,
+        :class:`UpdateVerificationError` when python-tuf refuses metadata or bytes.
         """
+        with self._lock:
+            return self._fetch_target(target_path, max_length=max_length, refresh=refresh)
+
+    def _fetch_target(self, target_path: str, *, max_length: int, refresh: bool) -> VerifiedTarget:
         if refresh or self._updater is None:
             self.refresh()
         updater = self._updater
         assert updater is not None
         info = self._guard(f"looking up target {target_path}", lambda: updater.get_targetinfo(target_path))
         if info is None:
-            raise UpdateError(f"the update repository's signed metadata lists no target {target_path}")
+            raise TargetNotFound(f"the update repository's signed metadata lists no target {target_path}")
         if info.length > max_length:
             raise UpdateError(f"target {target_path} is {info.length} bytes, more than the {max_length} "
                               "allowed")

@@ -13,6 +13,11 @@ Flow (docs/model-protection.md, "Device side"):
    the package in chunks (``model-fetch`` up, ``model-chunk`` down); vet it (offer digest, signed
    manifest, not older than the highest accepted version); raise the version mark in the TPM-signed,
    NV-counter-protected state file; keep the package (ciphertext, 0600). An older version is refused.
+   With an update channel (the agent's TUF client, ``channel``) the package is instead the ``models``
+   role's target ``models/<name>/<version>.pkg``, downloaded on the channel thread
+   (``agent-<id>-vault-tuf``) and vetted the same way once its signed custom metadata names the
+   offered package; ``model-fetch`` is used then only for a package the verified metadata does not
+   list, never after TUF refused one (docs/model-protection.md, "Packages through the update channel").
 2. When the device is trusted (latest verified verdict) and a model is held but not serving: a bound
    key for the current PCR state of the server's selection, certified by the AK with the key-request
    qualifier -> ``key-request`` up.
@@ -37,14 +42,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hmac
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import AgentConfig, InferenceConfig, ModelsConfig
 from agent.inference import RollbackError
@@ -57,6 +63,7 @@ from agent.log import EventLogger
 from agent.statefile import ensure_dir
 from agent.tpm.interface import AgentTpm
 from agent.trust import TrustState, load_signing_keys
+from agent.update.tuf_client import TargetNotFound
 from agent.vault import KeyReleaseRefused, VaultError
 from agent.vault.clients import ClientEntry, client_table, load_clients
 from agent.vault.counters import SavePolicy, StateKeeper, VaultState
@@ -67,7 +74,7 @@ from agent.vault.store import PackageStore, map_file
 from agent.vault.telemetry import AuditLog, UsageTracker, build_telemetry, verify_chain
 from agent.vault.unlock import ModelBuffer, VaultRuntime, guard_policy, harden_process, open_session
 from protocol import topics
-from protocol.errors import ConfigError, EdgeError, TpmError, TransportError
+from protocol.errors import ConfigError, EdgeError, TpmError, TransportError, UpdateVerificationError
 from protocol.messages import (
     MAX_LOAD_ERROR,
     AttestationResult,
@@ -87,7 +94,7 @@ from protocol.messages import (
 from protocol.modelpkg import Manifest, ModelPackageError
 from protocol.mqtt import MqttClient
 
-__all__ = ["VAULT_DIR", "ModelVault"]
+__all__ = ["VAULT_DIR", "ModelChannel", "ModelVault", "model_target"]
 
 VAULT_DIR = "vault"
 MODELS_DIR = "models"
@@ -100,8 +107,38 @@ wake-ups add up). Lease expiries are not polled: the thread wakes at the next on
 STATE_RETRY = 5.0
 PUBLISH_TIMEOUT = 5.0
 NEGATIVE_VERDICTS = frozenset({"untrusted", "revoked", "quarantined"})
+CHANNEL_RETRY = 60.0
+"""Seconds before a package whose download through the update channel failed (or was refused) is
+tried again through it, when offered again; it is never fetched with ``model-fetch`` instead."""
 
 TpmGetter = Callable[[], AgentTpm]
+
+
+class ChannelTarget(Protocol):
+    """A target the update channel verified: its bytes and the ``models`` role's signed custom metadata."""
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def custom(self) -> Mapping[str, Any]: ...
+
+
+class ModelChannel(Protocol):
+    """The device's verified update channel (:class:`agent.update.tuf_client.UpdateClient`).
+
+    ``fetch_target`` refreshes the repository metadata and returns the target only if it verifies;
+    it raises :class:`~agent.update.tuf_client.TargetNotFound` when the verified metadata lists no
+    such target, :class:`~protocol.errors.UpdateVerificationError` when TUF refuses metadata or
+    bytes, another :class:`~protocol.errors.EdgeError` when it cannot download. It may block for
+    its timeouts: the vault calls it on a thread of its own."""
+
+    def fetch_target(self, target_path: str, *, max_length: int) -> ChannelTarget: ...
+
+
+def model_target(name: str, version: str) -> str:
+    """The TUF target path of a model package (``model publish`` adds it): ``models/<name>/<version>.pkg``."""
+    return f"models/{name}/{version}.pkg"
 
 
 @dataclass(eq=False)
@@ -141,7 +178,7 @@ class ModelVault:
     :meth:`on_revocation`, :meth:`lock_all`, :meth:`status`."""
 
     def __init__(self, config: AgentConfig, *, tpm: TpmGetter, trust: TrustState, clock: Callable[[], float],
-                 log: EventLogger) -> None:
+                 log: EventLogger, channel: ModelChannel | None = None) -> None:
         if config.models is None:
             raise ConfigError("models: the model vault is not configured")
         self._config = config
@@ -191,6 +228,12 @@ class ModelVault:
         self._last_lock: dict[str, Any] | None = None
         self._status_connects = -1        # connection count at the last model-status sent
         self._status_due = False
+        self._channel = channel
+        self._channel_jobs: queue.Queue[ModelRef] = queue.Queue()
+        self._channel_thread: threading.Thread | None = None
+        self._channel_pending: dict[str, tuple[ModelRef, float]] = {}  # name -> (ref, started)
+        self._channel_retry: dict[bytes, float] = {}  # package digest -> not before (after a failure)
+        self._not_in_channel: set[bytes] = set()      # digests the verified metadata does not list
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +254,10 @@ class ModelVault:
             self._start_api(self._icfg)
         self._thread = threading.Thread(target=self._run, name=f"agent-{self._device_id}-vault", daemon=True)
         self._thread.start()
+        if self._channel is not None:
+            self._channel_thread = threading.Thread(target=self._run_channel, args=(self._channel,),
+                                                    name=f"agent-{self._device_id}-vault-tuf", daemon=True)
+            self._channel_thread.start()
 
     def attach(self, client: MqttClient | None) -> None:
         """The MQTT client to publish fetches, key requests and telemetry with (``None``: none now)."""
@@ -219,9 +266,9 @@ class ModelVault:
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the thread, lock every model, save the counters, write the audit log, stop the API."""
         self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        for thread in (self._thread, self._channel_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
         self.lock_all("the agent is stopping", count=False)
         if self._keeper is not None and self._error is None:
             try:
@@ -447,6 +494,8 @@ class ModelVault:
             self._do_release(job[1], job[2])
         elif kind == "denied":
             self._do_denied(job[1])
+        elif kind == "channel":
+            self._do_channel_result(job[1], job[2], job[3])
         # "keys" needs nothing beyond the tick
 
     def _tick(self) -> None:
@@ -505,6 +554,9 @@ class ModelVault:
                             and not m.rekey):
                         m.rekey, m.key_requested_at = True, None
                 continue
+            if self._channel is not None and ref.package_sha256 not in self._not_in_channel:
+                self._offer_to_channel(ref)
+                continue
             current = self._fetches.get(ref.name)
             if current is not None:
                 if current.download.ref == ref:
@@ -544,7 +596,8 @@ class ModelVault:
             self._log.warning("model_download_failed", model=name, error=exc.diagnostics())
             return
         for req in requests:
-            self._publish("model-fetch", req)
+            if self._publish("model-fetch", req):
+                self._count("model_fetch_requests")
 
     def _abort_fetch(self, name: str) -> None:
         with self._lock:
@@ -576,13 +629,18 @@ class ModelVault:
     def _finish_download(self, name: str) -> None:
         with self._lock:
             fetch = self._fetches.pop(name)
-        ref = fetch.download.ref
+        self._store_package(fetch.download.ref, fetch.fd, fetch.started)
+
+    def _store_package(self, ref: ModelRef, fd: int, started: float) -> None:
+        """Vet and keep the complete package written to ``fd`` (its partial file; closed here): the
+        same path whether it came with ``model-fetch`` or through the update channel."""
+        name = ref.name
         store = self._store
         assert store is not None
         try:
-            os.fsync(fetch.fd)
+            os.fsync(fd)
         finally:
-            os.close(fetch.fd)
+            os.close(fd)
         try:
             manifest = store.vet(ref)
         except ModelPackageError as exc:
@@ -604,7 +662,101 @@ class ModelVault:
             self._register_locked(m)
         self._count("packages_stored")
         self._log.info("model_stored", model=name, version=manifest.version, size=ref.size,
-                       seconds=round(self._clock() - fetch.started, 3))
+                       seconds=round(self._clock() - started, 3))
+
+    # -- the update channel (TUF) ------------------------------------------------------------------
+    def _offer_to_channel(self, ref: ModelRef) -> None:
+        """Have the channel thread fetch ``ref``'s package (vault thread): one download per model at
+        a time; a package that failed waits :data:`CHANNEL_RETRY` seconds before the next offer of it
+        is tried again (through the channel only)."""
+        now = self._clock()
+        not_before = self._channel_retry.get(ref.package_sha256)
+        if not_before is not None and 0 < not_before - now <= CHANNEL_RETRY:  # a clock step back retries
+            return
+        with self._lock:
+            if ref.name in self._channel_pending:
+                return  # the one in flight finishes first; the offer is repeated until a lease exists
+            self._channel_pending[ref.name] = (ref, now)
+        self._channel_retry.pop(ref.package_sha256, None)
+        self._abort_fetch(ref.name)
+        self._log.info("model_download_started", model=ref.name, version=ref.version, size=ref.size,
+                       channel="tuf")
+        self._channel_jobs.put(ref)
+
+    def _run_channel(self, channel: ModelChannel) -> None:
+        """The channel thread: TUF refreshes and downloads block (MQTT round trips, timeouts), so
+        neither the receive loop nor the vault's thread (leases, locks) waits for them."""
+        while not self._stop.is_set():
+            try:
+                ref = self._channel_jobs.get(timeout=IDLE_TICK)
+            except queue.Empty:
+                continue
+            try:
+                target = channel.fetch_target(model_target(ref.name, ref.version), max_length=ref.size)
+            except EdgeError as exc:
+                self._jobs.put(("channel", ref, None, exc))
+            except Exception as exc:  # a bug must be visible, and must not end the thread
+                self._log.error("vault_internal_error", error=f"{type(exc).__name__}: {exc}")
+                self._jobs.put(("channel", ref, None, UpdateVerificationError(f"internal error: {exc}")))
+            else:
+                self._jobs.put(("channel", ref, target, None))
+
+    def _do_channel_result(self, ref: ModelRef, target: ChannelTarget | None,
+                           error: EdgeError | None) -> None:
+        with self._lock:
+            _, started = self._channel_pending.pop(ref.name, (ref, self._clock()))
+        store = self._store
+        if store is None or self._error is not None:
+            return
+        if isinstance(error, TargetNotFound):
+            # Signed metadata that does not list the package (published before `updates init`):
+            # model-fetch is safe, as the package is checked against the signed offer's digest and
+            # its own signed manifest either way.
+            self._not_in_channel.add(ref.package_sha256)
+            self._count("tuf_not_found")
+            self._log.info("model_not_in_update_channel", model=ref.name, version=ref.version,
+                           fallback="model-fetch")
+            self._do_offer(ModelOffer(models=(ref,)))
+            return
+        if error is not None:
+            refused = isinstance(error, UpdateVerificationError)
+            self._channel_failed(ref, error.diagnostics(), refused=refused)
+            return
+        assert target is not None
+        mismatch = _custom_mismatch(ref, target.custom)
+        if mismatch is not None:
+            self._channel_failed(ref, mismatch, refused=True)
+            return
+        if len(target.data) != ref.size:
+            self._channel_failed(ref, f"the target has {len(target.data)} bytes, the offer says {ref.size}",
+                                 refused=True)
+            return
+        if not store.newer_than_held(ref):
+            return  # stored meanwhile
+        self._count("tuf_downloads")
+        fd = store.open_partial(ref.name, ref.version, ref.size)
+        try:
+            view = memoryview(target.data)
+            written = 0
+            while written < len(view):
+                written += os.pwrite(fd, view[written:], written)
+        except OSError as exc:
+            os.close(fd)
+            store.discard_partial(ref.name, ref.version)
+            self._channel_failed(ref, f"cannot write the package: {exc.strerror or exc}", refused=False)
+            return
+        self._store_package(ref, fd, started)
+
+    def _channel_failed(self, ref: ModelRef, reason: str, *, refused: bool) -> None:
+        """Report a package the channel did not deliver; never fall back to model-fetch for it."""
+        self._count("tuf_refused" if refused else "tuf_failures")
+        self._channel_retry[ref.package_sha256] = self._clock() + CHANNEL_RETRY
+        what = "refused by the update channel" if refused else "not delivered by the update channel"
+        with self._lock:
+            m = self._model(ref.name)
+            m.last_error = f"{ref.version} {what}: {reason}"[:600]
+        self._log.warning("model_channel_refused" if refused else "model_channel_failed", model=ref.name,
+                          version=ref.version, error=reason)
 
     # -- keys --------------------------------------------------------------------------------------
     def _request_keys(self, now: float) -> None:
@@ -872,6 +1024,14 @@ class ModelVault:
                     "denied": list(m.denied), "last_error": m.last_error,
                     "load": None if m.load is None else m.load.to_json(),
                 }
+            for name, (ref, _) in self._channel_pending.items():
+                if name in models:
+                    models[name]["download"] = {"size": ref.size, "channel": "tuf"}
+                else:
+                    models[name] = {"version": None, "serving_version": None, "locked": True,
+                                    "lock_reason": "downloading", "lease_id": None, "lease_expires": None,
+                                    "download": {"size": ref.size, "channel": "tuf"}, "denied": [],
+                                    "last_error": None}
             for name, fetch in self._fetches.items():
                 if name not in models:
                     models[name] = {"version": None, "serving_version": None, "locked": True,
@@ -879,6 +1039,7 @@ class ModelVault:
                                     "download": fetch.download.progress(), "denied": [], "last_error": None}
             return {
                 "error": self._error, "models": models, "counters": dict(sorted(self._counts.items())),
+                "channel": "model-fetch" if self._channel is None else "tuf",
                 "state_generation": None if self._keeper is None else self._keeper.generation,
                 "audit_chain": self._audit_chain, "inference_address": self.inference_address,
                 "onnxruntime": ONNXRUNTIME_VERSION,
@@ -902,6 +1063,16 @@ class ModelVault:
     def folder(self) -> Path:
         """``<state_dir>/vault``."""
         return self._folder
+
+
+def _custom_mismatch(ref: ModelRef, custom: Mapping[str, Any]) -> str | None:
+    """Why the target's signed custom metadata does not name the signed offer's package, or None."""
+    name, version, digest = custom.get("name"), custom.get("version"), custom.get("package_sha256")
+    if name != ref.name or version != ref.version:
+        return f"the target's signed metadata names {name!r} {version!r}, the offer {ref.name} {ref.version}"
+    if not isinstance(digest, str) or not hmac.compare_digest(digest.lower(), ref.package_sha256.hex()):
+        return "the target's signed package_sha256 is not the offer's"
+    return None
 
 
 def _one_line(text: str) -> str:

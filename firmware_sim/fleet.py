@@ -13,7 +13,9 @@ Steps of :meth:`FleetHarness.start`:
    certificates, result-signing key, migrated database; then ``server.toml`` is rewritten with the
    harness's timing (interval, jitter, scheduler tick...); with ``updates``, ``fleet-server updates
    init`` and the root exported for the agents' ``[update]`` (:meth:`FleetHarness.publish_release`,
-   :meth:`~FleetHarness.assign_release` then ship releases);
+   :meth:`~FleetHarness.assign_release` then ship releases; with ``release``, that bundle is published
+   after step 5 and :attr:`FleetHarness.update_driver` assigns it during the window, see
+   :mod:`firmware_sim.fleet_updates`);
 3. Mosquitto with the fleet PKI (:class:`~firmware_sim.broker.MosquittoBroker`);
 4. N :class:`~firmware_sim.device.SimulatedDevice` made in parallel (``swtpm_setup`` takes about
    0.7 s each, mostly waiting) and booted; the first ``tampered`` with ``tampered_profile``;
@@ -227,6 +229,8 @@ class FleetConfig:
             raise ConfigError("bad_update: must be between 0 and the number of golden devices")
         if self.bad_update and not self.provision_updates:
             raise ConfigError("bad_update: needs a release (--release BUNDLE_DIR)")
+        if self.update_at is not None and not 0 <= self.update_at < (self.duration or 7 * 86400):
+            raise ConfigError("update_at: must be >= 0 seconds and inside the window (duration)")
         if self.release is not None:
             if self.duration is None and self.update_at is None:
                 raise ConfigError("release: needs a window (duration) or update_at")
@@ -236,8 +240,6 @@ class FleetConfig:
             if bundle.device_class != get_profile("golden").device_class:
                 raise ConfigError(f"release: {self.release} is for class {bundle.device_class}, the golden "
                                   f"devices are {get_profile('golden').device_class}")
-        if self.update_at is not None and not 0 <= self.update_at <= 7 * 86400:
-            raise ConfigError("update_at: must be >= 0 seconds")
         if not 1 <= self.update_deadline <= 86400:
             raise ConfigError("update_deadline: must be between 1 and 86400 seconds")
 

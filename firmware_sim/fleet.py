@@ -935,15 +935,18 @@ class FleetHarness:
         return {str(a["device_id"]): str(a["assignment_id"]) for a in json.loads(out)["assignments"]}
 
     def assignments(self, target: str) -> dict[str, dict[str, Any]]:
-        """The assignments of release ``target`` by id (``fleet-server release show --json``: ``state``,
-        ``reason``, ``device_id``...)."""
-        import json
+        """The assignments of release ``target`` by id, as ``fleet-server release show --json`` prints
+        them (``state``, ``reason``, ``device_id``, ``updated_at``...), read from the server database
+        directly: polling it runs no CLI, whose captured output would swallow the progress lines
+        other threads print meanwhile."""
+        from fleet_server.service.releases import assignment_json
 
-        from fleet_server.cli import main as fleet_server
-
-        argv = ["release", "show", target, "--json", "--config", str(self.server_config)]
-        out = _run_cli(fleet_server, argv, "fleet-server release show")
-        return {str(a["assignment_id"]): dict(a) for a in json.loads(out)["assignments"]}
+        repo = self._repo()
+        found = repo.releases.release(target)
+        if found is None:
+            raise HarnessError(f"no release {target!r}")
+        records = repo.releases.assignments(release_id=found.id, limit=max(100, 10 * len(self.devices)))
+        return {str(rec.id): assignment_json(rec) for rec in records}
 
     # -- the broker --------------------------------------------------------------------------------
     def restart_broker(self) -> None:

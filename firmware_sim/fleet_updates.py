@@ -101,11 +101,17 @@ class ReleaseAtTime:
         if self.assigned_at_s is not None or elapsed_s < self.at_s:
             return
         self.assigned_at_s = elapsed_s
-        devices = harness.golden_device_ids()
-        if not devices:
-            harness.progress(f"no golden device to assign {self.target} to")
-            return
+        from fleet_server.storage.models import ATTESTED_STATES
+
         rows = harness.device_states()
+        golden = harness.golden_device_ids()
+        devices = [d for d in golden if d in rows and rows[d].state in ATTESTED_STATES]
+        if len(devices) < len(golden):
+            skipped = sorted(set(golden) - set(devices))
+            harness.progress(f"not assigning {self.target} to {len(skipped)} devices not attested "
+                             f"(e.g. {skipped[0]})")
+        if not devices:
+            return
         versions = harness.firmware_versions()
         now = int(time.time() * 1000)
         ids = harness.assign_release(self.target, devices, deadline_s=self.deadline_s)

@@ -632,9 +632,9 @@ class FleetHarness:
                        f"{self.config.tampered_profile}{bad_text})")
         made: dict[str, SimulatedDevice] = {}
         lock = threading.Lock()
-
-        bad = {device_id for device_id, profile in plan if profile.name == "golden"}
-        bad = set(sorted(bad)[:self.config.bad_update])
+        # The first ``bad_update`` golden devices boot a patched kernel from a trial slot.
+        golden = [device_id for device_id, profile in plan if profile.name == "golden"]
+        bad = set(golden[:self.config.bad_update])
 
         def make(entry: tuple[str, Profile]) -> None:
             if self._stop_requested.is_set():

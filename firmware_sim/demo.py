@@ -19,9 +19,9 @@ key; the tampered one is refused.
 It also ships one signed firmware update (docs/updates.md): the devices are provisioned for updates
 (``FleetConfig(updates=True)``), and once every device is appraised, *before* the two lines are
 printed, release :data:`DEMO_RELEASE` is built from the golden profile, published and assigned to the
-golden devices (well under a second). The devices then download, install, power-cycle into the new
-slot and commit in the background while the demo runs (about half a minute); the console's Releases
-page and the device pages show the release and each assignment's progress.
+golden devices (about a second). The devices then download, install, power-cycle into the new slot
+and commit in the background while the demo runs (a few seconds); the console's Releases page and
+the device pages show the release and each assignment's progress.
 """
 
 from __future__ import annotations

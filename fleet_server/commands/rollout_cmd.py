@@ -182,7 +182,7 @@ def _list(args: argparse.Namespace) -> int:
         return emit_json([{k: v for k, v in rollouts.view_json(x).items() if k != "members"} for x in views])
     if not views:
         return emit(["no rollouts"])
-    rows = [[v.rollout.id, v.release.target, v.rollout.state, str(v.rollout.phase),
+    rows = [[v.rollout.id, v.subject, v.rollout.state, str(v.rollout.phase),
              " ".join(f"{p.succeeded}/{p.devices}" for p in v.phases), iso(v.rollout.created_at)]
             for v in views]
     return emit(table(["ID", "RELEASE", "STATE", "PHASE", "SUCCEEDED/DEVICES", "CREATED"], rows))
@@ -194,7 +194,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         return emit_json(rollouts.view_json(v))
     r = v.rollout
-    lines = [f"rollout {r.id} of {v.release.target}: {r.state}, phase {r.phase}"
+    lines = [f"rollout {r.id} of {v.subject}: {r.state}, phase {r.phase}"
              + (f" ({v.waiting})" if v.waiting else "") + (f" - {r.reason}" if r.reason else ""),
              f"  created  {iso(r.created_at)} by {r.created_by}; started {iso(r.started_at)}; "
              f"finished {iso(r.finished_at)}"]

@@ -2,8 +2,8 @@
 (docs/rollouts.md).
 
 * ``rollout create TARGET | --model NAME --version V [plan options] [group options]
-  [--plan PLAN.toml] [--id ID] [--draft] [--dry-run] [--json]`` - the plan options have the plan file's key names (``--canary N|N%``,
-  ``--canary-device ID``, ``--phases 10,50,100``, ``--phase-counts 5,20``, ``--abort-failure-percent
+  [--plan PLAN.toml] [--id ID] [--draft] [--dry-run] [--json]`` - the plan options have the plan
+  file's key names (``--canary N|N%``, ``--canary-device ID``, ``--phases 10,50,100``, ``--phase-counts 5,20``, ``--abort-failure-percent
   X``, ``--min-executed N``, ``--abort-on KINDS``, ``--device-timeout-s S``, ``--retries N``,
   ``--max-rate N``, ``--approval``, ``--window 22-04``, ``--rollback-on-abort``, ...); given options
   override the file's keys. Group: ``--class`` (default: the release's; required for a model),
@@ -165,7 +165,8 @@ def _create(args: argparse.Namespace) -> int:
         view = rollouts.view(repo, rec.id, now=now_ms())
         record_cli(repo.engine, "rollout.create", f"rollout:{rec.id}",
                    {"release": view.subject, "kind": rec.kind, "state": rec.state,
-                    "devices": len(view.members), "plan": plan.to_json(), "group": group.to_json()}, now=now_ms())
+                    "devices": len(view.members), "plan": plan.to_json(), "group": group.to_json()},
+                   now=now_ms())
     if args.json:
         return emit_json(rollouts.view_json(view))
     sizes = ", ".join(str(p.devices) for p in view.phases)

@@ -3,13 +3,13 @@
 
 * ``rollout create TARGET | --model NAME --version V [plan options] [group options]
   [--plan PLAN.toml] [--id ID] [--draft] [--dry-run] [--json]`` - the plan options have the plan
-  file's key names (``--canary N|N%``, ``--canary-device ID``, ``--phases 10,50,100``, ``--phase-counts 5,20``, ``--abort-failure-percent
-  X``, ``--min-executed N``, ``--abort-on KINDS``, ``--device-timeout-s S``, ``--retries N``,
-  ``--max-rate N``, ``--approval``, ``--window 22-04``, ``--rollback-on-abort``, ...); given options
-  override the file's keys. Group: ``--class`` (default: the release's; required for a model),
-  ``--firmware V``,
-  ``--tag T``, ``--device ID`` (repeatable). ``--dry-run`` prints the devices each phase would take
-  and stores nothing (``--id`` makes the split the one ``create --id`` will use).
+  file's key names (``--canary N|N%``, ``--canary-device ID``, ``--phases 10,50,100``,
+  ``--phase-counts 5,20``, ``--abort-failure-percent X``, ``--min-executed N``, ``--abort-on
+  KINDS``, ``--device-timeout-s S``, ``--retries N``, ``--max-rate N``, ``--approval``, ``--window
+  22-04``, ``--rollback-on-abort``, ...); given options override the file's keys. Group:
+  ``--class`` (default: the release's; required for a model), ``--firmware V``, ``--tag T``,
+  ``--device ID`` (repeatable). ``--dry-run`` prints the devices each phase would take and stores
+  nothing (``--id`` makes the split the one ``create --id`` will use).
 * ``rollout list [--state S] [--json]``, ``rollout show ID [--json]`` (progress per phase, members).
 * ``rollout pause|resume|cancel|abort ID``, ``rollout approve ID [--phase N]``.
 

@@ -162,6 +162,8 @@ def test_a_model_version_reaches_devices_phase_by_phase_and_is_deployed_on_compl
     with pytest.raises(RolloutError, match="in rollout m1 still"):
         rollouts.create_rollout(repo, model=(NAME, "1.1.0"), group=GROUP, plan=plan, now=clock.now_ms(),
                                 actor="test")
+    with pytest.raises(model_admin.ModelAdminError, match="is in rollout m1"):  # no `model deploy` meanwhile
+        model_admin.deploy(repo, NAME, "1.1.0", now=clock.now_ms())
     reached: set[str] = set()
     for expected_phase, size in ((0, 1), (1, 1), (2, 2)):
         step = _step(repo, signer, clock)

@@ -60,15 +60,17 @@ class Fleet:
 
 
 def publish_test_model(svc: ConsoleServices, name: str = MODEL, version: str = "1.0.0",
-                       seed: int = 0) -> None:
-    """Publish the small test classifier with the server's own keys (as ``model publish`` would)."""
+                       seed: int = 0, *, deploy: bool = True) -> None:
+    """Publish (and deploy unless told not to) the small test classifier with the server's own keys
+    (as ``model publish`` would)."""
     config = svc.config
     kek = load_kek(config.models.kek_file)
     assert kek is not None, "fleet-server init creates the KEK"
     publish_model(svc.repo, model=small_classifier(seed), name=name, version=version,
                   signing_key=load_model_signing_key(config.models.signing_key), kek=kek,
                   store=PackageStore(config.models.store_dir), now=svc.now(), actor="test")
-    model_admin.deploy(svc.repo, name, version, now=svc.now(), actor="test")
+    if deploy:
+        model_admin.deploy(svc.repo, name, version, now=svc.now(), actor="test")
 
 
 def flush_counters(svc: ConsoleServices, processor: Processor, worker: str = "test-worker") -> None:

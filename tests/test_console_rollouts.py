@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
+from fleet_server.console.rbac import Right, has_right
 from fleet_server.console.services import ConsoleServices
+from fleet_server.modelstore import admin as model_admin
 from fleet_server.service import rollouts
 from fleet_server.service.releases import add_release
 from fleet_server.storage.release_repo import ReleaseRecord
 
-pytest.register_assert_rewrite("console_fixtures", "release_fixtures")
-from console_fixtures import SoftDevice  # noqa: E402
+pytest.register_assert_rewrite("console_fixtures", "release_fixtures", "browser_fixtures")
+from browser_fixtures import MODEL, publish_test_model  # noqa: E402
+from console_fixtures import CLASS, SoftDevice  # noqa: E402
 from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
 
 pytest_plugins = ("console_fixtures",)
@@ -103,3 +106,42 @@ def test_rollout_api(client: FlaskClient, svc: ConsoleServices, release: Release
     assert _audit(svc) == ("token:t-production_system", "rollout.abort", "rollout:r1")
     assert client.post(f"{API}/rollouts/r1/cancel", headers=deploy).status_code == 409
     assert [a.kind for a in svc.repo.models.alerts(kind="rollout_aborted")] == ["rollout_aborted"]
+
+
+def test_model_rollouts_need_model_deploy(client: FlaskClient, svc: ConsoleServices,
+                                          users: dict[str, int]) -> None:
+    for i in range(2):
+        SoftDevice(f"cam-{i}", svc.repo, now=svc.now())
+    publish_test_model(svc, version="1.0.0")
+    publish_test_model(svc, version="1.1.0", seed=1, deploy=False)
+    model_admin.entitle(svc.repo, MODEL, device_class=CLASS, now=svc.now())
+    body = {"model": {"name": MODEL, "version": "1.1.0"}, "id": "m1", "group": {"class": CLASS},
+            "plan": {"canary": 1}}
+    # A Data Scientist may publish (model:write) but not deploy: no model rollout either.
+    assert has_right("data_scientist", Right.MODEL_WRITE)
+    assert not has_right("data_scientist", Right.MODEL_DEPLOY)
+    scientist, engineer = bearer(svc, "data_scientist"), bearer(svc, "ml_engineer")
+    assert client.post(f"{API}/rollouts", headers=scientist, json=body).status_code == 403
+    assert client.post(f"{API}/rollouts/dry-run", headers=scientist, json=body).status_code == 403
+    for bad in ({**body, "release": TARGET}, {**body, "group": {}}, {**body, "model": {"name": MODEL}},
+                {**body, "model": {"name": MODEL, "version": "latest"}}):
+        assert client.post(f"{API}/rollouts", headers=engineer, json=bad).status_code == 400, bad
+    assert client.post(f"{API}/rollouts", headers=engineer,
+                       json={**body, "model": {"name": MODEL, "version": "9.9.9"}}).status_code == 404
+    assert client.post(f"{API}/rollouts", headers=engineer,
+                       json={**body, "model": {"name": MODEL, "version": "1.0.0"}}).status_code == 409
+    planned = client.post(f"{API}/rollouts/dry-run", headers=engineer, json=body)
+    assert planned.status_code == 200 and [len(p) for p in planned.get_json()["phases"]] == [1, 1]
+
+    created = client.post(f"{API}/rollouts", headers=engineer, json=body)
+    assert created.status_code == 201, created.data
+    doc = created.get_json()
+    assert (doc["kind"], doc["model"], doc["release"]) == ("model", {"name": MODEL, "version": "1.1.0"}, None)
+    assert _audit(svc) == ("token:t-ml_engineer", "rollout.create", "rollout:m1")
+    assert client.post(f"{API}/rollouts/m1/pause", headers=scientist).status_code == 403
+    assert client.post(f"{API}/rollouts/m1/pause", headers=engineer).get_json()["state"] == "paused"
+    cancelled = client.post(f"{API}/rollouts/m1/cancel", headers=engineer)
+    assert cancelled.status_code == 200 and cancelled.get_json()["state"] == "cancelled"
+    assert _audit(svc) == ("token:t-ml_engineer", "rollout.cancel", "rollout:m1")
+    # Cancelled: the version was not deployed.
+    assert [v.version for v in svc.repo.models.versions(MODEL) if v.deployed] == ["1.0.0"]

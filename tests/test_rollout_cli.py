@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from firmware_sim.testmodel import small_classifier
 from fleet_server.cli import main
 from fleet_server.config import load_config
+from fleet_server.console.audit import AuditLog, Checkpointing
 from fleet_server.service.releases import add_release
 from fleet_server.storage.db import create_engine
 from fleet_server.storage.models import DeviceState
@@ -98,3 +100,42 @@ def test_bad_options_fail_in_one_line(config: str, capsys: pytest.CaptureFixture
     assert main(["rollout", "create", RELEASE, *extra, "--config", config]) != 0
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_model_rollout_from_the_cli_is_audited(config: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(small_classifier())
+    for argv in (["model", "publish", str(onnx), "--name", "classifier", "--version", "1.0.0", "--deploy"],
+                 ["model", "publish", str(onnx), "--name", "classifier", "--version", "1.1.0"],
+                 ["model", "entitle", "classifier", "--device-class", "edge-camera"]):
+        assert main([*argv, "--config", config]) == 0, argv
+    capsys.readouterr()
+    model = ["--model", "classifier", "--version", "1.1.0"]
+    for extra, message in ((["--model", "classifier"], "both --model NAME and --version V"),
+                           ([RELEASE, *model], "not both"), (model, "needs the group's --class"),
+                           (["--model", "classifier", "--version", "1.0.0", "--class", "edge-camera"],
+                            "is deployed already")):
+        assert main(["rollout", "create", *extra, "--config", config]) != 0
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err, err
+    argv = ["rollout", "create", *model, "--class", "edge-camera", "--id", "m1", "--canary", "1",
+            "--config", config]
+    assert main([*argv, "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("dry run of rollout m1 of model classifier 1.1.0 (10 devices")
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("rollout m1 of model classifier 1.1.0 running: 10 devices")
+    assert main(["rollout", "show", "m1", "--json", "--config", config]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["kind"], shown["model"], shown["release"]) == (
+        "model", {"name": "classifier", "version": "1.1.0"}, None)
+    assert main(["rollout", "cancel", "m1", "--config", config]) == 0
+    loaded = load_config(Path(config))
+    engine = create_engine(loaded.database_url)
+    try:
+        entries = AuditLog(engine, Checkpointing.from_settings(loaded.audit)).entries(limit=10)
+    finally:
+        engine.dispose()
+    assert [(x.action, x.target) for x in entries if x.action.startswith("rollout.")][:2] in (
+        [("rollout.cancel", "rollout:m1"), ("rollout.create", "rollout:m1")],
+        [("rollout.create", "rollout:m1"), ("rollout.cancel", "rollout:m1")])

@@ -129,6 +129,27 @@ def test_judge(seen: engine.Observed, attempts: int, state: str | None) -> None:
     assert (judged.state if judged else None) == state
 
 
+@pytest.mark.parametrize(("seen", "attempts", "state"), [
+    (engine.ModelObserved("loaded", "", "1.31.1", NOW, "trusted", NOW - 10), 1, "succeeded"),
+    (engine.ModelObserved("loaded", "", "1.31.1", NOW, "quarantined", NOW - 10), 1, None),  # not trusted
+    (engine.ModelObserved(None, "", "", NOW, "trusted", NOW - 10), 1, None),  # no load report yet
+    (engine.ModelObserved(None, "", "", NOW, "untrusted", NOW), 1, "untrusted_after_update"),
+    (engine.ModelObserved(None, "", "", NOW, "untrusted", NOW - 5000), 1, None),  # untrusted before
+    (engine.ModelObserved("failed", "INVALID_GRAPH", "1.31.1", NOW, "trusted", NOW), 1, "pending"),  # retried
+    (engine.ModelObserved("failed", "INVALID_GRAPH", "1.31.1", NOW, "trusted", NOW), 2, "failed"),
+])
+def test_judge_of_a_model_version(seen: engine.ModelObserved, attempts: int, state: str | None) -> None:
+    plan = parse_plan({"retries": 1, "device_timeout_s": 60})
+    member = _m("cam-1", 0, "assigned", assigned_at=NOW - 1000, attempts=attempts)
+    judged = engine.judge(member, seen, plan, NOW)
+    assert (judged.state if judged else None) == state
+    if state == "failed":
+        assert judged is not None and judged.reason == "onnxruntime 1.31.1 failed to load it: INVALID_GRAPH"
+    in_flight = engine.ModelObserved(None, "", "", NOW, "trusted", 0)
+    timed_out = engine.judge(member, in_flight, plan, NOW + 59_000)
+    assert timed_out is not None and "no trusted load of the version within 60 s" in timed_out.reason
+
+
 def test_judge_times_out_and_retries() -> None:
     plan = parse_plan({"retries": 1, "device_timeout_s": 60})
     seen = engine.Observed("assigned", "", NOW, False, "trusted", 0)

@@ -1,13 +1,15 @@
-"""``fleet-server rollout ...``: staged rollouts of firmware releases (docs/rollouts.md).
+"""``fleet-server rollout ...``: staged rollouts of firmware releases and model versions
+(docs/rollouts.md).
 
-* ``rollout create TARGET [plan options] [group options] [--plan PLAN.toml] [--id ID] [--draft]
-  [--dry-run] [--json]`` - the plan options have the plan file's key names (``--canary N|N%``,
-  ``--canary-device ID``, ``--phases 10,50,100``, ``--phase-counts 5,20``, ``--abort-failure-percent
-  X``, ``--min-executed N``, ``--abort-on KINDS``, ``--device-timeout-s S``, ``--retries N``,
-  ``--max-rate N``, ``--approval``, ``--window 22-04``, ``--rollback-on-abort``, ...); given options
-  override the file's keys. Group: ``--class`` (default: the release's), ``--firmware V``,
-  ``--tag T``, ``--device ID`` (repeatable). ``--dry-run`` prints the devices each phase would take
-  and stores nothing (``--id`` makes the split the one ``create --id`` will use).
+* ``rollout create TARGET | --model NAME --version V [plan options] [group options]
+  [--plan PLAN.toml] [--id ID] [--draft] [--dry-run] [--json]`` - the plan options have the plan
+  file's key names (``--canary N|N%``, ``--canary-device ID``, ``--phases 10,50,100``,
+  ``--phase-counts 5,20``, ``--abort-failure-percent X``, ``--min-executed N``, ``--abort-on
+  KINDS``, ``--device-timeout-s S``, ``--retries N``, ``--max-rate N``, ``--approval``, ``--window
+  22-04``, ``--rollback-on-abort``, ...); given options override the file's keys. Group:
+  ``--class`` (default: the release's; required for a model), ``--firmware V``, ``--tag T``,
+  ``--device ID`` (repeatable). ``--dry-run`` prints the devices each phase would take and stores
+  nothing (``--id`` makes the split the one ``create --id`` will use).
 * ``rollout list [--state S] [--json]``, ``rollout show ID [--json]`` (progress per phase, members).
 * ``rollout pause|resume|cancel|abort ID``, ``rollout approve ID [--phase N]``.
 
@@ -56,12 +58,16 @@ _PLAN_OPTIONS = (  # (option, plan key, type, help)
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("rollout", help="staged rollouts of firmware releases",
+    parser = subparsers.add_parser("rollout", help="staged rollouts of firmware releases and model versions",
                                    description="Roll a release out in phases, gated on attestation.")
     sub = parser.add_subparsers(dest="rollout_command", metavar="SUBCOMMAND", required=True)
 
-    create = sub.add_parser("create", help="create (and start) a rollout of a release")
-    create.add_argument("target", metavar="TARGET", help="the release's target (firmware/CLASS/VERSION.fwb)")
+    create = sub.add_parser("create", help="create (and start) a rollout of a release or a model version")
+    create.add_argument("target", metavar="TARGET", nargs="?",
+                        help="the release's target (firmware/CLASS/VERSION.fwb)")
+    create.add_argument("--model", metavar="NAME", help="roll out a published model version instead")
+    create.add_argument("--version", dest="model_version", metavar="V",
+                        help="the model version (with --model)")
     create.add_argument("--plan", type=Path, metavar="PLAN.toml", help="read the plan's keys from a file")
     for option, key, kind, text in _PLAN_OPTIONS:
         create.add_argument(option, dest=key, type=kind, help=text)
@@ -139,33 +145,57 @@ def _plan_keys(args: argparse.Namespace) -> dict[str, Any]:
 def _create(args: argparse.Namespace) -> int:
     plan = parse_plan(_plan_keys(args))
     config = load(args)
+    model = _model(args)
     with repository(config) as repo:
-        release = repo.releases.release(args.target)
-        if release is None:
-            raise RolloutError(f"no release {args.target[:200]!r}")
-        group = Group(args.device_class or release.device_class, args.firmware, tuple(args.tags),
-                      tuple(args.devices))
+        if model is None:
+            release = repo.releases.release(args.target)
+            if release is None:
+                raise RolloutError(f"no release {args.target[:200]!r}")
+            device_class = args.device_class or release.device_class
+        elif args.device_class is None:
+            raise RolloutError("a model rollout needs the group's --class")
+        else:
+            device_class = args.device_class
+        group = Group(device_class, args.firmware, tuple(args.tags), tuple(args.devices))
         if args.dry_run:
-            return _dry_run(repo, args, group, plan)
-        rec = rollouts.create_rollout(repo, target=args.target, group=group, plan=plan, now=now_ms(),
-                                      actor=cli_actor(), draft=args.draft, rollout_id=args.rollout_id)
+            return _dry_run(repo, args, group, plan, model)
+        rec = rollouts.create_rollout(repo, target=None if model else args.target, model=model, group=group,
+                                      plan=plan, now=now_ms(), actor=cli_actor(), draft=args.draft,
+                                      rollout_id=args.rollout_id)
         view = rollouts.view(repo, rec.id, now=now_ms())
         record_cli(repo.engine, "rollout.create", f"rollout:{rec.id}",
-                   {"release": args.target, "state": rec.state, "devices": len(view.members),
-                    "plan": plan.to_json(), "group": group.to_json()}, now=now_ms())
+                   {"release": view.subject, "kind": rec.kind, "state": rec.state,
+                    "devices": len(view.members), "plan": plan.to_json(), "group": group.to_json()},
+                   now=now_ms())
     if args.json:
         return emit_json(rollouts.view_json(view))
     sizes = ", ".join(str(p.devices) for p in view.phases)
-    return emit([f"rollout {rec.id} of {args.target} {rec.state}: {len(view.members)} devices in phases "
+    return emit([f"rollout {rec.id} of {view.subject} {rec.state}: {len(view.members)} devices in phases "
                  f"[{sizes}] (phase 0 is the canary); the workers assign them"])
 
 
-def _dry_run(repo: Repository, args: argparse.Namespace, group: Group, plan: Any) -> int:
-    planned = rollouts.dry_run(repo, target=args.target, group=group, plan=plan, rollout_id=args.rollout_id)
+def _model(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(name, version) of ``--model NAME --version V``, or None for a release's TARGET."""
+    if args.model is None and args.model_version is None:
+        if args.target is None:
+            raise RolloutError("give a release's TARGET or --model NAME --version V")
+        return None
+    if args.target is not None:
+        raise RolloutError("give a release's TARGET or --model NAME --version V, not both")
+    if args.model is None or args.model_version is None:
+        raise RolloutError("a model rollout takes both --model NAME and --version V")
+    return args.model, args.model_version
+
+
+def _dry_run(repo: Repository, args: argparse.Namespace, group: Group, plan: Any,
+             model: tuple[str, str] | None) -> int:
+    planned = rollouts.dry_run(repo, target=None if model else args.target, model=model, group=group,
+                               plan=plan, rollout_id=args.rollout_id)
+    what = f"model {model[0]} {model[1]}" if model else args.target
     if args.json:
-        return emit_json({"rollout_id": planned.rollout_id, "release": args.target,
+        return emit_json({"rollout_id": planned.rollout_id, "release": what,
                           "phases": [{"phase": i, "devices": ids} for i, ids in enumerate(planned.phases)]})
-    lines = [f"dry run of rollout {planned.rollout_id} of {args.target} "
+    lines = [f"dry run of rollout {planned.rollout_id} of {what} "
              f"({sum(len(p) for p in planned.phases)} devices; pass --id {planned.rollout_id} to create "
              "exactly this split):"]
     for i, ids in enumerate(planned.phases):
@@ -182,7 +212,7 @@ def _list(args: argparse.Namespace) -> int:
         return emit_json([{k: v for k, v in rollouts.view_json(x).items() if k != "members"} for x in views])
     if not views:
         return emit(["no rollouts"])
-    rows = [[v.rollout.id, v.release.target, v.rollout.state, str(v.rollout.phase),
+    rows = [[v.rollout.id, v.subject, v.rollout.state, str(v.rollout.phase),
              " ".join(f"{p.succeeded}/{p.devices}" for p in v.phases), iso(v.rollout.created_at)]
             for v in views]
     return emit(table(["ID", "RELEASE", "STATE", "PHASE", "SUCCEEDED/DEVICES", "CREATED"], rows))
@@ -194,7 +224,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         return emit_json(rollouts.view_json(v))
     r = v.rollout
-    lines = [f"rollout {r.id} of {v.release.target}: {r.state}, phase {r.phase}"
+    lines = [f"rollout {r.id} of {v.subject}: {r.state}, phase {r.phase}"
              + (f" ({v.waiting})" if v.waiting else "") + (f" - {r.reason}" if r.reason else ""),
              f"  created  {iso(r.created_at)} by {r.created_by}; started {iso(r.started_at)}; "
              f"finished {iso(r.finished_at)}"]
@@ -216,7 +246,8 @@ def _operation(args: argparse.Namespace) -> int:
         elif args.operation == "resume":
             rec = rollouts.resume(repo, args.rollout_id, now=now_ms())
         elif args.operation == "cancel":
-            rec = rollouts.cancel(repo, args.rollout_id, now=now_ms(), actor=cli_actor())
+            rec = rollouts.cancel(repo, args.rollout_id, now=now_ms(), actor=cli_actor(),
+                                  signer=load_signing_key(config.signing_key))
         else:
             rec = rollouts.abort(repo, args.rollout_id, signer=load_signing_key(config.signing_key),
                                  now=now_ms(), actor=cli_actor())

@@ -28,6 +28,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from flask import Blueprint, Response, jsonify, request
@@ -728,7 +729,7 @@ def assign_release(release_id: int) -> tuple[Response, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# rollouts (firmware; fleet:deploy)
+# rollouts (firmware: fleet:deploy; model versions: model:deploy too)
 # --------------------------------------------------------------------------------------------------
 MAX_GROUP_DEVICES = 10_000
 
@@ -767,13 +768,15 @@ def _strings(value: Any, key: str, pattern: re.Pattern[str], most: int) -> tuple
     return tuple(value)
 
 
-def _group(value: Any, release: ReleaseRecord) -> Group:
+def _group(value: Any, release: ReleaseRecord | None) -> Group:
     if not isinstance(value, dict):
         fail(400, "'group': an object with class, firmware, tags, devices")
     unknown = sorted(set(value) - {"class", "firmware", "tags", "devices"})
     if unknown:
         fail(400, f"'group': unknown key {unknown[0][:40]!r} (it takes class, firmware, tags, devices)")
-    device_class = value.get("class", release.device_class)
+    if release is None and "class" not in value:
+        fail(400, "'group.class': a model rollout's group names its device class")
+    device_class = value.get("class", release.device_class if release else None)
     firmware = value.get("firmware")
     if not isinstance(device_class, str) or not NAME_RE.fullmatch(device_class):
         fail(400, "'group.class': a device class")
@@ -783,10 +786,45 @@ def _group(value: Any, release: ReleaseRecord) -> Group:
                  _strings(value.get("devices", []), "group.devices", DEVICE_ID_RE, MAX_GROUP_DEVICES))
 
 
-def _rollout_request(*extra: str) -> tuple[Body, str, str | None, Plan, Group]:
-    """The body of a new rollout: release, id, group, plan (and ``extra`` keys)."""
-    body = Body("release", "id", "group", "plan", *extra)
-    target = body.text("release", required=True, max_len=200)
+def _kind_right(kind: str) -> None:
+    """A model rollout also needs model:deploy (a firmware one fleet:deploy, declared on the route)."""
+    if kind == rollouts.MODEL and not _principal().can(Right.MODEL_DEPLOY):
+        fail(403, "a model rollout needs the model:deploy right")
+
+
+@dataclass(frozen=True, slots=True)
+class _NewRollout:
+    body: Body
+    target: str | None
+    model: tuple[str, str] | None
+    rollout_id: str | None
+    plan: Plan
+    group: Group
+
+    @property
+    def label(self) -> str:
+        if self.model is not None:
+            return f"model {self.model[0]} {self.model[1]}"
+        return self.target or ""
+
+
+def _rollout_request(*extra: str) -> _NewRollout:
+    """The body of a new rollout: release or model, id, group, plan (and ``extra`` keys)."""
+    body = Body("release", "model", "id", "group", "plan", *extra)
+    target = body.text("release", max_len=200)
+    model_ref = body.value.get("model")
+    if (target is None) == (model_ref is None):
+        fail(400, "give 'release' (a firmware rollout) or 'model' (a model version), not both")
+    model: tuple[str, str] | None = None
+    if model_ref is not None:
+        if not isinstance(model_ref, dict) or set(model_ref) != {"name", "version"} or not all(
+                isinstance(model_ref[k], str) for k in ("name", "version")):
+            fail(400, "'model': an object with name and version")
+        name, version = model_ref["name"], model_ref["version"]
+        if MODEL_NAME_RE.fullmatch(name) is None or VERSION_RE.fullmatch(version) is None:
+            fail(400, "'model': a model name and version")
+        model = (name, version)
+    _kind_right(rollouts.MODEL if model is not None else rollouts.FIRMWARE)
     rollout_id = body.text("id", pattern=rollouts.ROLLOUT_ID_RE, max_len=32)
     plan_keys = body.value.get("plan", {})
     if not isinstance(plan_keys, dict):
@@ -795,24 +833,29 @@ def _rollout_request(*extra: str) -> tuple[Body, str, str | None, Plan, Group]:
         plan = parse_plan(plan_keys)
     except RolloutError as exc:
         fail(400, exc.diagnostics())
-    assert target is not None
-    release = services().repo.releases.release(target)
-    if release is None:
-        fail(404, f"no release {target[:200]!r}")
-    return body, target, rollout_id, plan, _group(body.value.get("group", {}), release)
+    release = None
+    if target is not None:
+        release = services().repo.releases.release(target)
+        if release is None:
+            fail(404, f"no release {target[:200]!r}")
+    else:
+        assert model is not None
+        if services().repo.models.version(*model) is None:
+            fail(404, f"no published model {model[0]!r} version {model[1][:32]!r}")
+    return _NewRollout(body, target, model, rollout_id, plan, _group(body.value.get("group", {}), release))
 
 
 @bp.post("/rollouts/dry-run")
 @require(Right.DEPLOY)
 def plan_rollout() -> tuple[Response, int]:
     Query()
-    _, target, rollout_id, plan, group = _rollout_request()
+    new = _rollout_request()
     try:
-        planned = rollouts.dry_run(services().repo, target=target, group=group, plan=plan,
-                                   rollout_id=rollout_id)
+        planned = rollouts.dry_run(services().repo, target=new.target, model=new.model, group=new.group,
+                                   plan=new.plan, rollout_id=new.rollout_id)
     except RolloutError as exc:
         fail(409, exc.diagnostics())
-    return _ok({"rollout_id": planned.rollout_id, "release": target, "phases": planned.phases})
+    return _ok({"rollout_id": planned.rollout_id, "release": new.label, "phases": planned.phases})
 
 
 @bp.post("/rollouts")
@@ -820,22 +863,23 @@ def plan_rollout() -> tuple[Response, int]:
 def create_rollout() -> tuple[Response, int]:
     Query()
     svc, principal = services(), _principal()
-    body, target, rollout_id, plan, group = _rollout_request("draft")
+    new = _rollout_request("draft")
     try:
-        rec = rollouts.create_rollout(svc.repo, target=target, group=group, plan=plan, now=svc.now(),
-                                      actor=principal.actor, draft=body.flag("draft"), rollout_id=rollout_id)
+        rec = rollouts.create_rollout(svc.repo, target=new.target, model=new.model, group=new.group,
+                                      plan=new.plan, now=svc.now(), actor=principal.actor,
+                                      draft=new.body.flag("draft"), rollout_id=new.rollout_id)
     except RolloutError as exc:
         fail(409, exc.diagnostics())
     view = rollouts.view(svc.repo, rec.id, now=svc.now())
     svc.record(principal, "rollout.create", f"rollout:{rec.id}",
-               {"release": target, "state": rec.state, "devices": len(view.members), "plan": plan.to_json(),
-                "group": group.to_json()})
+               {"release": new.label, "kind": rec.kind, "state": rec.state, "devices": len(view.members),
+                "plan": new.plan.to_json(), "group": new.group.to_json()})
     return _ok(rollouts.view_json(view), 201)
 
 
 def _rollout_action(rollout_id: str, action: str) -> tuple[Response, int]:
     svc, principal = services(), _principal()
-    _rollout_view(rollout_id)  # 404 first
+    _kind_right(_rollout_view(rollout_id).rollout.kind)  # 404 first
     details: dict[str, Any] = {}
     try:
         if action == "pause":
@@ -843,7 +887,7 @@ def _rollout_action(rollout_id: str, action: str) -> tuple[Response, int]:
         elif action == "resume":
             rollouts.resume(svc.repo, rollout_id, now=svc.now())
         elif action == "cancel":
-            rollouts.cancel(svc.repo, rollout_id, now=svc.now(), actor=principal.actor)
+            rollouts.cancel(svc.repo, rollout_id, now=svc.now(), actor=principal.actor, signer=_signer(svc))
         elif action == "abort":
             rollouts.abort(svc.repo, rollout_id, signer=_signer(svc), now=svc.now(), actor=principal.actor)
         else:

@@ -101,7 +101,11 @@ TAG: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 ROLLOUT_STATE: Schema = {"type": "string", "enum": [s.value for s in RolloutState]}
 MEMBER_STATE: Schema = {"type": "string", "enum": [s.value for s in MemberState]}
 _ROLLOUT: dict[str, Schema] = {
-    "id": STR, "kind": {"type": "string", "enum": ["firmware"]}, "release": STR, "state": ROLLOUT_STATE,
+    "id": STR, "kind": {"type": "string", "enum": ["firmware", "model"]},
+    "release": {**nullable(STR), "description": "a firmware rollout's release target"},
+    "model": {**nullable(obj({"name": MODEL_NAME, "version": STR})),
+              "description": "a model rollout's version"},
+    "state": ROLLOUT_STATE,
     "phase": {**COUNT, "description": "the phase executing (0: the canary)"},
     "reason": {**STR, "description": "why it was aborted or cancelled"},
     "waiting": {**STR, "description": "why no device is assigned now (approval, window, rate), or empty"},
@@ -175,7 +179,11 @@ SCHEMAS: dict[str, Schema] = {
         "finished_at": nullable(TIME)}))}),
     "RolloutList": obj({"items": array(ref("Rollout"))}),
     "NewRollout": obj({
-        "release": {"type": "string", "maxLength": 200, "description": "the release's target"},
+        "release": {"type": "string", "maxLength": 200,
+                    "description": "the release's target (a firmware rollout; fleet:deploy)"},
+        "model": obj({"name": MODEL_NAME, "version": VERSION},
+                     description="the published model version (a model rollout, instead of `release`; "
+                                 "needs model:deploy)"),
         "id": {**ROLLOUT_ID, "description": "the rollout's id (default: random)"},
         "group": obj({"class": NAME, "firmware": NAME, "tags": array(TAG, maxItems=32),
                       "devices": array(DEVICE_ID, maxItems=10_000)}, required=[],
@@ -185,8 +193,8 @@ SCHEMAS: dict[str, Schema] = {
                                 "phase_counts, abort_failure_percent, min_executed, abort_on, "
                                 "device_timeout_s, retries, max_rate, approval, window, ..."},
         "draft": {**BOOL, "description": "store it as a draft (resume starts it)"}},
-        required=["release"]),
-    "RolloutPlan": obj({"rollout_id": STR, "release": STR, "phases": array(array(STR))},
+        required=[]),
+    "RolloutPlan": obj({"rollout_id": STR, "release": STR, "phases": array(array(STR))}, required=[],
                        description="the device ids of each phase (index 0: the canary)"),
     "Approval": obj({"phase": {"type": "integer", "minimum": 0, "maximum": 1000}}, required=[]),
     "DeviceTags": obj({"add": array(TAG, maxItems=32), "remove": array(TAG, maxItems=32)}, required=[]),
@@ -415,7 +423,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/rollouts/{rollout_id}", "api.get_rollout", Right.VIEW_FLEET, "rollouts",
               "One rollout: progress per phase and every device", (200, "RolloutDetail"), (P_ROLLOUT,)),
     Operation("post", "/rollouts", "api.create_rollout", Right.DEPLOY, "rollouts",
-              "Create and start (unless `draft`) a staged rollout of a firmware release",
+              "Create and start (unless `draft`) a staged rollout of a firmware release or a model version",
               (201, "RolloutDetail"), (), "NewRollout", errors=(404, 409),
               description="The workers assign the devices, phase by phase."),
     Operation("post", "/rollouts/dry-run", "api.plan_rollout", Right.DEPLOY, "rollouts",
@@ -509,7 +517,7 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 SCHEMAS["PlannedRollout"] = obj(
-    {k: v for k, v in SCHEMAS["NewRollout"]["properties"].items() if k != "draft"}, required=["release"])
+    {k: v for k, v in SCHEMAS["NewRollout"]["properties"].items() if k != "draft"}, required=[])
 SCHEMAS["ReleaseDetail"] = obj({**SCHEMAS["Release"]["properties"], "assignments": array(ref("Assignment"))},
                                description="A release with its newest assignments.")
 SCHEMAS["PolicyDetail"] = obj({**SCHEMAS["PolicyHeader"]["properties"], "reference": FREE_OBJECT},

@@ -80,10 +80,15 @@ def _locked_version(models: ModelTx, name: str,
 def deploy(repo: Repository, name: str, version: str, *, now: int, actor: str = "admin") -> Deployment:
     """Deploy ``version`` of ``name``: entitled devices are offered it with their next trusted
     attestation. Refused for a version older than the newest deployed one (roll back by publishing
-    and deploying a newer version)."""
+    and deploying a newer version), and while a rollout of a version of the model is unfinished
+    (it deploys its version when it completes)."""
     with repo.write("deploying a model version") as tx:
         models = tx.models
-        _, versions, chosen = _locked_version(models, name, version)
+        model, versions, chosen = _locked_version(models, name, version)
+        rollout = tx.rollouts.active_model_rollout(model.id)
+        if rollout is not None:
+            raise ModelAdminError(f"model {name} is in rollout {rollout}: it deploys its version when it "
+                                  "completes (cancel it to deploy by hand)")
         current = next((x for x in versions if x.deployed), None)  # newest first
         if chosen.deployed:
             return Deployment(name, version, False, None if current is None else current.version)

@@ -1,10 +1,13 @@
 """The progress rules of a rollout (pure: the service reads the rows, passes the time in, and writes
 what these functions decide).
 
-* :func:`judge` - the new state of one assigned member from what its assignment and its device
-  show: ``succeeded`` once the assignment is committed **and** the device is trusted on the
-  release; ``rolled_back`` / ``failed`` as the device reported; ``untrusted_after_update`` when the
-  device turned untrusted after it was assigned; ``timed_out`` after ``device_timeout_s``. A device
+* :func:`judge` - the new state of one assigned member from what the server observed, judged per
+  rollout kind (:class:`Observed` for firmware: ``succeeded`` once the assignment is committed
+  **and** the device is trusted on the release, ``rolled_back`` / ``failed`` as the device
+  reported; :class:`ModelObserved` for a model version: ``succeeded`` once the device reported the
+  version ``loaded`` **and** is trusted, ``failed`` on a load failure report with onnxruntime's
+  reason); for both ``untrusted_after_update`` when the device turned untrusted after it was
+  assigned, ``timed_out`` after ``device_timeout_s``. A device
   that timed out or failed to install goes back to ``pending`` while it has retries left.
 * :func:`progress` - per phase: devices, succeeded, failed, and those pending or in flight.
 * :func:`decide` - one step: abort (a failure kind over its threshold after ``min_executed``
@@ -39,8 +42,22 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
+class Judged:
+    state: str
+    reason: str
+    finished_at: int | None
+
+
+def _untrusted(member: Member, device_state: str, changed_at: int) -> Judged | None:
+    assert member.assigned_at is not None
+    if device_state == "untrusted" and changed_at >= member.assigned_at:
+        return Judged("untrusted_after_update", "the device attested untrusted after the update", changed_at)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class Observed:
-    """What the server knows of an assigned member's device."""
+    """What the server knows of an assigned member's device (a firmware rollout)."""
 
     assignment_state: str | None  # of the member's assignment (None: it is gone)
     assignment_reason: str
@@ -49,29 +66,50 @@ class Observed:
     device_state: str
     device_state_changed_at: int
 
+    def outcome(self, member: Member) -> Judged | None:
+        """Succeeded: committed and trusted on the release; else rolled back, failed, untrusted."""
+        if self.assignment_state == "committed" and self.on_release and self.device_state == "trusted":
+            return Judged(SUCCEEDED, "", self.assignment_updated_at)
+        if self.assignment_state == "rolled_back":
+            return Judged("rolled_back", self.assignment_reason, self.assignment_updated_at)
+        if self.assignment_state == "failed":
+            return Judged("failed", self.assignment_reason or "install failed", self.assignment_updated_at)
+        return _untrusted(member, self.device_state, self.device_state_changed_at)
+
 
 @dataclass(frozen=True, slots=True)
-class Judged:
-    state: str
-    reason: str
-    finished_at: int | None
+class ModelObserved:
+    """What the server knows of an assigned member's device (a model rollout)."""
+
+    load_state: str | None  # the device's load report of the version since it was assigned (None: none)
+    load_error: str         # onnxruntime's own reason of a failed load
+    onnxruntime: str
+    reported_at: int
+    device_state: str
+    device_state_changed_at: int
+
+    def outcome(self, member: Member) -> Judged | None:
+        """Succeeded: onnxruntime loaded the version and the device is trusted; else failed (a load
+        failure report) or untrusted."""
+        if self.load_state == "loaded" and self.device_state == "trusted":
+            return Judged(SUCCEEDED, "", self.reported_at)
+        if self.load_state == "failed":
+            reason = f"onnxruntime {self.onnxruntime or '?'} failed to load it: {self.load_error or '-'}"
+            return Judged("failed", reason[:512], self.reported_at)
+        return _untrusted(member, self.device_state, self.device_state_changed_at)
 
 
-def judge(member: Member, seen: Observed, plan: Plan, now: int) -> Judged | None:
-    """The assigned member's new state, or None while it is still in flight (see the module doc)."""
+def judge(member: Member, seen: Observed | ModelObserved, plan: Plan, now: int) -> Judged | None:
+    """The assigned member's new state, or None while it is still in flight (see the module doc):
+    the kind's own judgement of what it observed (``seen.outcome``), then the shared timeout and
+    retry rules."""
     assert member.state == ASSIGNED and member.assigned_at is not None
-    out: Judged | None = None
-    if seen.assignment_state == "committed" and seen.on_release and seen.device_state == "trusted":
-        return Judged(SUCCEEDED, "", seen.assignment_updated_at)
-    if seen.assignment_state == "rolled_back":
-        out = Judged("rolled_back", seen.assignment_reason, seen.assignment_updated_at)
-    elif seen.assignment_state == "failed":
-        out = Judged("failed", seen.assignment_reason or "install failed", seen.assignment_updated_at)
-    elif seen.device_state == "untrusted" and seen.device_state_changed_at >= member.assigned_at:
-        out = Judged("untrusted_after_update", "the device attested untrusted after the update",
-                     seen.device_state_changed_at)
-    elif now >= member.assigned_at + plan.device_timeout_ms:
-        out = Judged("timed_out", f"no trusted commit within {plan.device_timeout_s:g} s",
+    out = seen.outcome(member)
+    if out is not None and out.state == SUCCEEDED:
+        return out
+    if out is None and now >= member.assigned_at + plan.device_timeout_ms:
+        what = "trusted commit" if isinstance(seen, Observed) else "trusted load of the version"
+        out = Judged("timed_out", f"no {what} within {plan.device_timeout_s:g} s",
                      member.assigned_at + plan.device_timeout_ms)
     if out is not None and out.state in RETRIED and member.attempts <= plan.retries:
         return Judged(PENDING, f"{out.state} (attempt {member.attempts}): {out.reason}"[:512], None)

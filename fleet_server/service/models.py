@@ -26,7 +26,8 @@ Device -> server (``fleet/v1/devices/<id>/up/<kind>``):
 
 Server -> device: ``model-offer`` (signed :class:`ModelOffer`, with a trusted attestation result,
 listing the newest deployed version of every model the device is entitled to and holds no active lease
-for: a lost offer is repeated with the next trusted result, and stops once the device holds the
+for - or, for a device a running model rollout assigned, the rollout's version (docs/rollouts.md): a
+lost offer is repeated with the next trusted result, and stops once the device holds the
 key), ``model-chunk``, ``key-release``, ``key-denied``.
 
 Leases: every trusted result renews the device's active leases until
@@ -346,7 +347,8 @@ class ModelService:
         version = models.version(req.name, req.version)
         if version is None:
             raise _Refused("model_unknown", f"no published model {what}")
-        if not version.deployed:  # published but not deployed: no device may have it yet
+        if not version.deployed and not _staged(models, device_id, version):
+            # published but not deployed (nor staged to this device by a model rollout)
             raise _Refused("not_deployed", f"model {what} is not deployed")
         if not models.entitled(version.model_id, device_id, device.device_class):
             raise _Refused("not_entitled", f"device {device_id} is not entitled to model {req.name}")
@@ -530,7 +532,7 @@ class ModelService:
         version = tx.version(fetch.name, fetch.version)
         if version is None:
             raise _Refused("model_unknown", f"no published model {fetch.name} {fetch.version}", reply=False)
-        if not version.deployed:
+        if not version.deployed and not _staged(tx, item.device_id, version):
             raise _Refused("not_deployed", f"model {fetch.name} {fetch.version} is not deployed", reply=False)
         if not tx.entitled(version.model_id, item.device_id, device_class):
             raise _Refused("not_entitled", f"device {item.device_id} is not entitled to model {fetch.name}",
@@ -565,6 +567,12 @@ class ModelService:
                                 fx=fx)
         except EdgeError as exc:
             fx.event(logging.WARNING, "alert_failed", kind=ALERT_DOWNLOAD_OFF_HOURS, error=exc.diagnostics())
+
+
+def _staged(models: ModelTx, device_id: str, version: VersionRecord) -> bool:
+    """Whether a running or paused model rollout assigned ``version`` to the device."""
+    staged = models.staged([device_id]).get((device_id, version.model_id))
+    return staged is not None and staged[1] == version.version
 
 
 def _describe(exc: BaseException) -> str:

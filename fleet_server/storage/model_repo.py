@@ -53,6 +53,8 @@ _LOAD: Table = _TABLES["modelloadstatus"]
 _DEVICE: Table = _TABLES["device"]
 _ATTESTATION: Table = _TABLES["attestation"]
 _ALERT: Table = _TABLES["alert"]
+_ROLLOUT: Table = _TABLES["rollout"]
+_MEMBER: Table = _TABLES["rolloutmember"]
 m, v, e, le = _MODEL.c, _VERSION.c, _ENTITLEMENT.c, _LEASE.c
 DAY_MS = 86_400_000
 
@@ -336,6 +338,16 @@ def _versions_statement(binds: list[Any]) -> Any:
             .where(v.model_id.in_(binds), v.deployed_at.is_not(None)))
 
 
+def _staged_statement(binds: list[Any]) -> Any:
+    ro, rm = _ROLLOUT.c, _MEMBER.c
+    return (select(rm.device_id, v.model_id, m.name, v.version, v.package_size, v.package_sha256)
+            .select_from(_MEMBER.join(_ROLLOUT, ro.id == rm.rollout_id)
+                         .join(_VERSION, v.id == ro.model_version_id).join(_MODEL, m.id == v.model_id))
+            .where(rm.device_id.in_(binds), ro.kind == bindparam("b_kind"),
+                   ro.state.in_([bindparam("b_running"), bindparam("b_paused")]),
+                   rm.assigned_at.is_not(None)))
+
+
 def _held_statement(binds: list[Any]) -> Any:
     return (select(le.device_id, le.model_id, le.version)
             .where(le.device_id.in_(binds), le.state == bindparam("b_active")))
@@ -379,6 +391,12 @@ class ModelTx:
         row = self.conn.execute(select(*_VERSION_COLUMNS)
                                 .select_from(_VERSION.join(_MODEL, m.id == v.model_id))
                                 .where(m.name == name, v.version == version)).first()
+        return None if row is None else _version(row)
+
+    def version_by_id(self, version_id: int) -> VersionRecord | None:
+        row = self.conn.execute(select(*_VERSION_COLUMNS)
+                                .select_from(_VERSION.join(_MODEL, m.id == v.model_id))
+                                .where(v.id == version_id)).first()
         return None if row is None else _version(row)
 
     def insert_version(self, n: NewVersion) -> int:
@@ -558,18 +576,32 @@ class ModelTx:
         for model_id, name, version, size, sha in version_rows:
             versions.setdefault(model_id, []).append((name, version, size, bytes(sha)))
         newest = {mid: max(vs, key=lambda x: parse_version(x[1])) for mid, vs in versions.items()}
+        staged = self.staged(sorted(by_device))
         lease_rows: Sequence[Any] = _in_execute(self.conn, "held-leases", _held_statement, sorted(by_device),
                                                 {"b_active": str(LeaseState.ACTIVE)}).all()
         held = {(device_id, model_id, version) for device_id, model_id, version in lease_rows}
         out: dict[str, list[OfferedVersion]] = {}
         for device_id, mids in by_device.items():
             for mid in sorted(mids):
-                if mid not in newest:
+                chosen = staged.get((device_id, mid)) or newest.get(mid)
+                if chosen is None:
                     continue  # entitled to a model with no deployed version yet
-                name, version, size, sha = newest[mid]
+                name, version, size, sha = chosen
                 if (device_id, mid, version) not in held:
                     out.setdefault(device_id, []).append(OfferedVersion(device_id, name, version, size, sha))
         return out
+
+    def staged(self, device_ids: Sequence[str]) -> dict[tuple[str, int], tuple[str, str, int, bytes]]:
+        """``{(device id, model id): (name, version, size, package sha256)}`` of the model version a
+        running or paused model rollout assigned to the device: offered (and its key released) to
+        that device instead of the deployed one. Empty without model rollouts."""
+        if not device_ids:
+            return {}
+        rows: Sequence[Any] = _in_execute(
+            self.conn, "staged-versions", _staged_statement, sorted(set(device_ids)),
+            {"b_kind": "model", "b_running": "running", "b_paused": "paused"}).all()
+        return {(str(d), int(mid)): (str(name), str(ver), int(size), bytes(sha))
+                for d, mid, name, ver, size, sha in rows}
 
     # -- telemetry ---------------------------------------------------------------------------------
     def record_usage(self, device_id: str, model_id: int, *, since: int, until: int, served: int,
@@ -625,6 +657,17 @@ class ModelTx:
         else:
             self.conn.execute(update(_RUNTIME).where(r.device_id == device_id)
                               .values(onnxruntime=onnxruntime, reported_at=now))
+
+    def load_status(self, device_ids: Sequence[str], model_id: int, version: str
+                    ) -> dict[str, tuple[str, str, str, int]]:
+        """``{device id: (state, error, onnxruntime, reported_at)}``: the devices' latest load report
+        of one model version."""
+        if not device_ids:
+            return {}
+        c = _LOAD.c
+        rows = self.conn.execute(select(c.device_id, c.state, c.error, c.onnxruntime, c.reported_at).where(
+            c.device_id.in_(sorted(set(device_ids))), c.model_id == model_id, c.version == version))
+        return {r.device_id: (r.state, r.error, r.onnxruntime, int(r.reported_at)) for r in rows}
 
     def record_load(self, device_id: str, model_id: int, version: str, *, state: str, error: str,
                     onnxruntime: str, now: int) -> None:

@@ -34,7 +34,7 @@ _NOT_IN_GROUPS = ("pending", "revoked")
 class RolloutRecord:
     id: str
     kind: str
-    release_id: int
+    release_id: int | None
     target_group: str
     plan: str
     state: str
@@ -46,6 +46,7 @@ class RolloutRecord:
     updated_at: int
     abort_trigger_at: int | None
     finished_at: int | None
+    model_version_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class MemberRecord:
 
 _ROLLOUT_COLUMNS = (ro.id, ro.kind, ro.release_id, ro.target_group, ro.plan, ro.state, ro.phase, ro.reason,
                     ro.created_at, ro.created_by, ro.started_at, ro.updated_at, ro.abort_trigger_at,
-                    ro.finished_at)
+                    ro.finished_at, ro.model_version_id)
 _MEMBER_COLUMNS = (rm.rollout_id, rm.device_id, rm.phase, rm.order_key, rm.state, rm.attempts,
                    rm.assignment_id, rm.reason, rm.joined_at, rm.assigned_at, rm.finished_at)
 
@@ -90,7 +91,8 @@ class RolloutTx:
             id=rec.id, kind=rec.kind, release_id=rec.release_id, target_group=rec.target_group,
             plan=rec.plan, state=rec.state, phase=rec.phase, reason=rec.reason[:512],
             created_at=rec.created_at, created_by=rec.created_by[:64], started_at=rec.started_at,
-            updated_at=rec.updated_at, abort_trigger_at=rec.abort_trigger_at, finished_at=rec.finished_at))
+            updated_at=rec.updated_at, abort_trigger_at=rec.abort_trigger_at, finished_at=rec.finished_at,
+            model_version_id=rec.model_version_id))
 
     def rollout(self, rollout_id: str, *, lock: bool = False,
                 skip_locked: bool = False) -> RolloutRecord | None:
@@ -142,6 +144,15 @@ class RolloutTx:
                        ro.state.in_([RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.DRAFT]),
                        rm.state.in_([MemberState.PENDING, MemberState.ASSIGNED])))
         return {row.device_id: row.rollout_id for row in self.conn.execute(stmt)}
+
+    def active_model_rollout(self, model_id: int) -> str | None:
+        """The id of an unfinished (draft, running or paused) rollout of a version of the model."""
+        versions = _TABLES["modelversion"]
+        stmt = (select(ro.id).select_from(_ROLLOUT.join(versions, versions.c.id == ro.model_version_id))
+                .where(versions.c.model_id == model_id,
+                       ro.state.in_([RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.DRAFT])))
+        row = self.conn.execute(stmt).first()
+        return None if row is None else str(row[0])
 
     # -- approvals ---------------------------------------------------------------------------------
     def approvals(self, rollout_id: str) -> dict[int, tuple[str, int]]:

@@ -1,7 +1,9 @@
 """Tables of staged rollouts and device tags. (Imported by :mod:`fleet_server.storage.models`;
-migration 0009.)
+migrations 0009, 0010.)
 
-A ``rollout`` sends one release to a target group in phases (``plan``: the
+A ``rollout`` of ``kind`` ``firmware`` sends one release (``release_id``), one of ``kind`` ``model``
+one published model version (``model_version_id``; the version is offered only to the members the
+rollout assigned until it completes, then it is deployed) to a target group in phases (``plan``: the
 :class:`~fleet_server.rollouts.plan.Plan` as JSON; ``target_group``: the
 :class:`~fleet_server.rollouts.plan.Group` as JSON). ``state``: ``draft`` -> ``running`` <->
 ``paused`` -> ``completed`` | ``aborted`` | ``cancelled``. ``phase`` is the index of the phase now
@@ -58,7 +60,8 @@ class Rollout(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=32)
     kind: str = Field(default="firmware", max_length=16)
-    release_id: int = Field(foreign_key="release.id", index=True)
+    release_id: int | None = Field(default=None, foreign_key="release.id", index=True)
+    model_version_id: int | None = Field(default=None, foreign_key="modelversion.id", index=True)
     target_group: str                                                   # Group JSON
     plan: str                                                           # Plan JSON
     state: str = Field(index=True, max_length=16)

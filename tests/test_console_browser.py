@@ -3,6 +3,8 @@ event log and see the failing event highlighted, approve a pending device and re
 seeing each state change in the page - with no console error and no Content-Security-Policy
 violation along the way.
 
+A rollout is created through the wizard (dry run, then start) and paused from its page.
+
 The data is real: devices attested through the server's Processor against a golden policy, one of
 them booted with a tampered initrd. With ``CONSOLE_SCREENSHOTS=<folder>`` set (e.g. ``docs/images``),
 :func:`test_screenshots_for_the_docs` writes the screenshots docs/operations.md shows.
@@ -21,10 +23,12 @@ from fleet_server.keys import load_signing_key
 from fleet_server.service.common import Counters
 from fleet_server.service.context import ServiceContext
 from fleet_server.service.processor import Processor
+from fleet_server.service.releases import add_release
 
-pytest.register_assert_rewrite("browser_fixtures", "console_fixtures")
+pytest.register_assert_rewrite("browser_fixtures", "console_fixtures", "release_fixtures")
 from browser_fixtures import Fleet, Served, browser_login, seed_fleet  # noqa: E402
 from console_fixtures import PASSWORD  # noqa: E402
+from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
 
 pytest_plugins = ("console_fixtures", "browser_fixtures")
 pytestmark = pytest.mark.browser
@@ -155,6 +159,44 @@ def test_model_actions_in_the_browser(served_console: Served, chromium: Any) -> 
     page.wait_for_url(re.compile(r".*done=retired$"))
     expect(page.locator("#version-1\\.1\\.0")).to_have_count(0)
     expect(page.locator("#versions h2")).to_contain_text("retired: 1.1.0")
+    w.check()
+
+
+def test_rollout_wizard_and_page_in_the_browser(served_console: Served, chromium: Any,
+                                                tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _seed(served_console)
+    svc = served_console.svc
+    target = add_release(svc.repo, MemoryTargetStore(), write_bundle_dir(tmp_path / "bundle"),
+                         device_class="edge-camera", version="1.3.0", now=svc.now(), actor="test").target
+    base = served_console.url
+    w = Watched(chromium)
+    page = w.page
+    browser_login(page, base, "alice")
+    page.click("nav a:has-text('Rollouts')")
+    expect(page.locator("#rollouts tbody tr")).to_contain_text("No rollouts yet")
+    page.click("a:has-text('New rollout')")
+    page.select_option("#wizard select[name=release]", target)
+    page.fill("#wizard input[name=id]", "web-1")
+    page.fill("#wizard input[name=canary]", "1")
+    page.fill("#wizard input[name=phases]", "50, 100")
+    page.click("#wizard button:has-text('Dry run')")
+    expect(page.locator("#dry-run td.count")).to_have_text(["1", "1", "2"])
+    assert svc.repo.rollouts.rollouts() == []
+    page.click("#start button")  # asks window.confirm; the admin says yes
+    page.wait_for_url(re.compile(r".*/rollouts/web-1\?done=create$"))
+    expect(page.locator("h1 .state")).to_have_text("running")
+    expect(page.locator("#rollout-chart rect").first).to_be_visible()
+    bar = page.locator("#phases svg.progress rect.seg-pending").first
+    assert bar.evaluate("e => getComputedStyle(e).fill") == "rgb(217, 221, 227)"  # the stylesheet applied
+    page.click("button:has-text('Pause')")
+    page.wait_for_url(re.compile(r".*done=pause$"))
+    expect(page.locator("h1 .state")).to_have_text("paused")
+    page.goto(f"{base}/rollouts/")
+    expect(page.locator("#rollout-web-1 svg.progress")).to_have_count(3)
+    actions = [e.action for e in svc.audit.entries(actor="alice", limit=2)]
+    assert actions == ["rollout.pause", "rollout.create"]
     w.check()
 
 

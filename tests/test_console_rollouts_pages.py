@@ -54,6 +54,12 @@ def _last_audit(svc: ConsoleServices) -> tuple[str, str, str]:
     return e.actor, e.action, e.target
 
 
+def _no_inline_code(html: str) -> None:
+    """What the CSP forbids (the same checks as test_console_security.py, on pages it cannot reach)."""
+    assert "<script>" not in html and " style=" not in html and "<style" not in html
+    assert re.search(r"<[^>]*\son[a-z]+\s*=", html) is None and "javascript:" not in html
+
+
 def _buttons(html: str) -> list[str]:
     return re.findall(r'action="/rollouts/r1/(\w+)"', html)
 
@@ -73,6 +79,8 @@ def test_pages_render_and_buttons_follow_state_and_right(
     page = client.get("/rollouts/r1").data.decode()
     assert _buttons(page) == ["pause", "approve", "cancel", "abort"]
     assert "<code>abort_failure_percent</code>" in page and 'id="rollout-chart"' in page
+    _no_inline_code(html)
+    _no_inline_code(page)
 
     # A viewer sees the rollout but no buttons and no wizard; the buttons' routes refuse it.
     viewer = client.application.test_client()
@@ -135,9 +143,10 @@ def test_wizard_dry_run_then_start(client: FlaskClient, svc: ConsoleServices, re
     form = {"csrf_token": csrf, "release": TARGET, "id": "w1", "canary": "1", "phases": "50, 100",
             "abort_failure_percent": "25", "device_timeout_s": "600", "approval": "1"}
 
-    for bad, status, message in (({"canary": "x"}, 400, b"canary"), ({"min_executed": "1.5"}, 400, b"min_executed"),
-                                 ({"id": "Bad Id"}, 400, b"rollout id"), ({"release": ""}, 400, b"choose a release"),
-                                 ({"devices": "cam-404"}, 409, b"cam-404"), ({"tags": "bad tag!"}, 400, b"tags")):
+    refusals = (({"canary": "x"}, 400, b"canary"), ({"min_executed": "1.5"}, 400, b"min_executed"),
+                ({"id": "Bad Id"}, 400, b"rollout id"), ({"release": ""}, 400, b"choose a release"),
+                ({"devices": "cam-404"}, 409, b"cam-404"), ({"tags": "bad tag!"}, 400, b"tags"))
+    for bad, status, message in refusals:
         response = client.post("/rollouts/new", data={**form, **bad})
         assert response.status_code == status and message in response.data, (bad, response.data[-800:])
 
@@ -145,6 +154,7 @@ def test_wizard_dry_run_then_start(client: FlaskClient, svc: ConsoleServices, re
     assert planned.status_code == 200
     html = planned.data.decode()
     assert re.findall(r'<td class="count">(\d+)</td>', html) == ["1", "1", "2"]
+    _no_inline_code(html)
     assert svc.repo.rollouts.rollouts() == []  # a dry run stores nothing
     start = html.split('id="start"')[1].split("</form>")[0]
     hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', start))
@@ -152,7 +162,8 @@ def test_wizard_dry_run_then_start(client: FlaskClient, svc: ConsoleServices, re
     hidden["csrf_token"] = csrf
 
     head = svc.audit.head()
-    assert client.post("/rollouts/", data={k: v for k, v in hidden.items() if k != "csrf_token"}).status_code == 400
+    without_csrf = {k: v for k, v in hidden.items() if k != "csrf_token"}
+    assert client.post("/rollouts/", data=without_csrf).status_code == 400
     assert svc.audit.head() == head
     created = client.post("/rollouts/", data=hidden)
     assert created.status_code == 303 and created.headers["Location"] == "/rollouts/w1?done=create"
@@ -178,7 +189,8 @@ def test_wizard_dry_run_then_start(client: FlaskClient, svc: ConsoleServices, re
 
 def _member(device: str, state: str, assigned: int | None, finished: int | None, joined: int = 0
             ) -> MemberRecord:
-    return MemberRecord("r", device, 0, "k", state, 1 if assigned else 0, None, "", joined, assigned, finished)
+    return MemberRecord("r", device, 0, "k", state, 1 if assigned else 0, None, "", joined, assigned,
+                        finished)
 
 
 def test_state_series_counts_members_per_state_over_time() -> None:
@@ -225,3 +237,31 @@ def test_chart_and_failures_of_a_seeded_rollout(client: FlaskClient, svc: Consol
     failures = page.split('id="failures"')[1].split("</table>")[0]
     assert bad in failures and "PCR 4 differs" in failures and ok not in failures
     assert _buttons(page) == []  # aborted: nothing to press (and Security may not deploy anyway)
+
+
+def test_device_tags_on_the_device_page(client: FlaskClient, svc: ConsoleServices, devices: list[str],
+                                        users: dict[str, int]) -> None:
+    csrf = login(client, "ml_engineer")
+    page = client.get("/devices/cam-1").data.decode()
+    assert 'id="tags"' in page and "no tags" in page and 'action="/devices/cam-1/tags"' in page
+    assert client.post("/devices/cam-1/tags", data={"add": "lab"}).status_code == 400  # no CSRF token
+    done = client.post("/devices/cam-1/tags", data={"csrf_token": csrf, "add": "lab, north"})
+    assert done.status_code == 303 and done.headers["Location"] == "/devices/cam-1?done=tags"
+    assert svc.repo.rollouts.tags("cam-1") == ["lab", "north"]
+    entry = svc.audit.entries(limit=1)[0]
+    assert (entry.actor, entry.action, entry.target) == ("ml_engineer", "device.tag", "device:cam-1")
+    assert json.loads(entry.details) == {"added": ["lab", "north"], "removed": []}
+    assert "<li>lab</li><li>north</li>" in client.get("/devices/cam-1").data.decode()
+    client.post("/devices/cam-1/tags", data={"csrf_token": csrf, "remove": "north"})
+    assert svc.repo.rollouts.tags("cam-1") == ["lab"]
+    bad = client.post("/devices/cam-1/tags", data={"csrf_token": csrf, "add": "no/slash"})
+    assert bad.status_code == 400 and b"tag &#39;no/slash&#39;" in bad.data
+    assert client.post("/devices/cam-1/tags", data={"csrf_token": csrf}).status_code == 400
+    assert client.post("/devices/cam-404/tags", data={"csrf_token": csrf, "add": "x"}).status_code == 404
+
+    # Security may view the device (and its tags) but not change them.
+    other = client.application.test_client()
+    other_csrf = login(other, "security")
+    seen = other.get("/devices/cam-1").data.decode()
+    assert "<li>lab</li>" in seen and 'action="/devices/cam-1/tags"' not in seen
+    assert other.post("/devices/cam-1/tags", data={"csrf_token": other_csrf, "add": "x"}).status_code == 403

@@ -55,6 +55,7 @@ PLAN_FIELDS: tuple[tuple[str, str], ...] = (
 # The chart's series, bottom to top.
 SERIES = ("succeeded", "failed", "assigned", "pending")
 CHART_W, CHART_H, CHART_PAD, CHART_POINTS = 960, 200, 24, 40
+MEMBER_LIMIT = 500  # members listed on a rollout's page (failures are always listed in full)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ def _detail(rollout_id: str, *, error: str | None = None, status: int = 200) -> 
         "rollouts/detail.html", v=v, bars=[phase_bar(p) for p in v.phases], columns=columns, top=top,
         series=series, failures=failures, approvable=approvable, plan_rows=plan_rows(v.plan),
         chart_w=CHART_W, chart_h=CHART_H, chart_pad=CHART_PAD, series_names=SERIES, error=error,
+        member_limit=MEMBER_LIMIT,
         done=DONE_MESSAGES.get(request.args.get("done", ""))), status
 
 

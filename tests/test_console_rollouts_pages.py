@@ -145,7 +145,8 @@ def test_wizard_dry_run_then_start(client: FlaskClient, svc: ConsoleServices, re
 
     refusals = (({"canary": "x"}, 400, b"canary"), ({"min_executed": "1.5"}, 400, b"min_executed"),
                 ({"id": "Bad Id"}, 400, b"rollout id"), ({"release": ""}, 400, b"choose a release"),
-                ({"devices": "cam-404"}, 409, b"cam-404"), ({"tags": "bad tag!"}, 400, b"tags"))
+                ({"devices": "cam-404"}, 409, b"cam-404"), ({"tags": "bad tag!"}, 400, b"tags"),
+                ({"id": "new"}, 409, b"is reserved"))
     for bad, status, message in refusals:
         response = client.post("/rollouts/new", data={**form, **bad})
         assert response.status_code == status and message in response.data, (bad, response.data[-800:])

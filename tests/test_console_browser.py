@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from fleet_server.keys import load_signing_key
+from fleet_server.rollouts.plan import Group, parse_plan
+from fleet_server.service import rollouts
 from fleet_server.service.common import Counters
 from fleet_server.service.context import ServiceContext
 from fleet_server.service.processor import Processor
@@ -222,7 +224,8 @@ def _history(served: Served, fleet: Fleet) -> None:
 
 @pytest.mark.skipif(not os.environ.get("CONSOLE_SCREENSHOTS"), reason="set CONSOLE_SCREENSHOTS=<folder>")
 def test_screenshots_for_the_docs(served_console: Served, chromium: Any) -> None:
-    """Writes the screenshots of docs/operations.md (1280x800 PNG) into $CONSOLE_SCREENSHOTS."""
+    """Writes the screenshots of docs/operations.md (1280x800 PNG; a rollout's page at full length) into
+    $CONSOLE_SCREENSHOTS."""
     from playwright.sync_api import expect
 
     out = Path(os.environ["CONSOLE_SCREENSHOTS"])
@@ -252,4 +255,32 @@ def test_screenshots_for_the_docs(served_console: Served, chromium: Any) -> None
     page.screenshot(path=str(out / "console-alerts.png"))
     page.goto(f"{base}/users/")
     page.screenshot(path=str(out / "console-users.png"))
+    _rollout_history(served_console, out.parent / "screenshot-bundle")
+    page.goto(f"{base}/rollouts/")
+    page.screenshot(path=str(out / "console-rollouts.png"))
+    page.goto(f"{base}/rollouts/r1")
+    page.screenshot(path=str(out / "console-rollout.png"), full_page=True)
     w.check()
+
+
+def _rollout_history(served: Served, bundle: Path) -> None:
+    """A rollout started an hour ago: the canary and phase 1 succeeded, phase 2 half way with a
+    device that came back untrusted."""
+    svc = served.svc
+    now = svc.now()
+    t0 = now - 3_600_000
+    target = add_release(svc.repo, MemoryTargetStore(), write_bundle_dir(bundle), device_class="edge-camera",
+                         version="1.3.0", now=t0, actor="test").target
+    rollouts.create_rollout(svc.repo, target=target, group=Group("edge-camera"),
+                            plan=parse_plan({"canary": 1, "phases": [50, 100]}), now=t0, actor="alice",
+                            rollout_id="r1")
+    minute = 60_000
+    steps = [(5, 15, "succeeded", ""), (20, 35, "succeeded", ""),
+             (40, 50, "untrusted_after_update", "PCR 4 differs from the release's reference values"),
+             (40, None, "assigned", "")]
+    with svc.repo.write("screenshot rollout") as tx:
+        for m, (assigned, finished, state, reason) in zip(tx.rollouts.members("r1"), steps, strict=True):
+            tx.rollouts.set_member("r1", m.device_id, {
+                "state": state, "attempts": 1, "assigned_at": t0 + assigned * minute, "reason": reason,
+                "finished_at": t0 + finished * minute if finished else None})
+        tx.rollouts.set_rollout("r1", {"phase": 2})

@@ -287,7 +287,7 @@ class FormError(RolloutError):
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class RolloutRequest:
     target: str
     rollout_id: str | None
     group: Group
@@ -338,7 +338,7 @@ def _plan_keys() -> dict[str, Any]:
     return keys
 
 
-def parse_request() -> Request:
+def parse_request() -> RolloutRequest:
     """The wizard's form as a rollout request (raises :class:`RolloutError` with the field)."""
     target = _field("release")
     if not target:
@@ -363,7 +363,7 @@ def parse_request() -> Request:
         raise
     except RolloutError as exc:
         raise FormError(exc.diagnostics()) from None
-    return Request(target, rollout_id, group, plan, bool(request.form.get("draft")))
+    return RolloutRequest(target, rollout_id, group, plan, bool(request.form.get("draft")))
 
 
 def _wizard(*, error: str | None = None, planned: rollouts.DryRun | None = None,

@@ -3,6 +3,8 @@ event log and see the failing event highlighted, approve a pending device and re
 seeing each state change in the page - with no console error and no Content-Security-Policy
 violation along the way.
 
+A rollout is created through the wizard (dry run, then start) and paused from its page.
+
 The data is real: devices attested through the server's Processor against a golden policy, one of
 them booted with a tampered initrd. With ``CONSOLE_SCREENSHOTS=<folder>`` set (e.g. ``docs/images``),
 :func:`test_screenshots_for_the_docs` writes the screenshots docs/operations.md shows.
@@ -18,13 +20,17 @@ from typing import Any
 import pytest
 
 from fleet_server.keys import load_signing_key
+from fleet_server.rollouts.plan import Group, parse_plan
+from fleet_server.service import rollouts
 from fleet_server.service.common import Counters
 from fleet_server.service.context import ServiceContext
 from fleet_server.service.processor import Processor
+from fleet_server.service.releases import add_release
 
-pytest.register_assert_rewrite("browser_fixtures", "console_fixtures")
+pytest.register_assert_rewrite("browser_fixtures", "console_fixtures", "release_fixtures")
 from browser_fixtures import Fleet, Served, browser_login, seed_fleet  # noqa: E402
 from console_fixtures import PASSWORD  # noqa: E402
+from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
 
 pytest_plugins = ("console_fixtures", "browser_fixtures")
 pytestmark = pytest.mark.browser
@@ -158,6 +164,44 @@ def test_model_actions_in_the_browser(served_console: Served, chromium: Any) -> 
     w.check()
 
 
+def test_rollout_wizard_and_page_in_the_browser(served_console: Served, chromium: Any,
+                                                tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _seed(served_console)
+    svc = served_console.svc
+    target = add_release(svc.repo, MemoryTargetStore(), write_bundle_dir(tmp_path / "bundle"),
+                         device_class="edge-camera", version="1.3.0", now=svc.now(), actor="test").target
+    base = served_console.url
+    w = Watched(chromium)
+    page = w.page
+    browser_login(page, base, "alice")
+    page.click("nav a:has-text('Rollouts')")
+    expect(page.locator("#rollouts tbody tr")).to_contain_text("No rollouts yet")
+    page.click("a:has-text('New rollout')")
+    page.select_option("#wizard select[name=release]", target)
+    page.fill("#wizard input[name=id]", "web-1")
+    page.fill("#wizard input[name=canary]", "1")
+    page.fill("#wizard input[name=phases]", "50, 100")
+    page.click("#wizard button:has-text('Dry run')")
+    expect(page.locator("#dry-run td.count")).to_have_text(["1", "1", "2"])
+    assert svc.repo.rollouts.rollouts() == []
+    page.click("#start button")  # asks window.confirm; the admin says yes
+    page.wait_for_url(re.compile(r".*/rollouts/web-1\?done=create$"))
+    expect(page.locator("h1 .state")).to_have_text("running")
+    expect(page.locator("#rollout-chart rect").first).to_be_visible()
+    bar = page.locator("#phases svg.progress rect.seg-pending").first
+    assert bar.evaluate("e => getComputedStyle(e).fill") == "rgb(217, 221, 227)"  # the stylesheet applied
+    page.click("button:has-text('Pause')")
+    page.wait_for_url(re.compile(r".*done=pause$"))
+    expect(page.locator("h1 .state")).to_have_text("paused")
+    page.goto(f"{base}/rollouts/")
+    expect(page.locator("#rollout-web-1 svg.progress")).to_have_count(3)
+    actions = [e.action for e in svc.audit.entries(actor="alice", limit=2)]
+    assert actions == ["rollout.pause", "rollout.create"]
+    w.check()
+
+
 def _history(served: Served, fleet: Fleet) -> None:
     """A day of earlier attestation rows, so that the dashboard's chart has something to show."""
     from fleet_server.storage.repo import NewAttestation
@@ -180,7 +224,8 @@ def _history(served: Served, fleet: Fleet) -> None:
 
 @pytest.mark.skipif(not os.environ.get("CONSOLE_SCREENSHOTS"), reason="set CONSOLE_SCREENSHOTS=<folder>")
 def test_screenshots_for_the_docs(served_console: Served, chromium: Any) -> None:
-    """Writes the screenshots of docs/operations.md (1280x800 PNG) into $CONSOLE_SCREENSHOTS."""
+    """Writes the screenshots of docs/operations.md (1280x800 PNG; a rollout's page at full length) into
+    $CONSOLE_SCREENSHOTS."""
     from playwright.sync_api import expect
 
     out = Path(os.environ["CONSOLE_SCREENSHOTS"])
@@ -210,4 +255,32 @@ def test_screenshots_for_the_docs(served_console: Served, chromium: Any) -> None
     page.screenshot(path=str(out / "console-alerts.png"))
     page.goto(f"{base}/users/")
     page.screenshot(path=str(out / "console-users.png"))
+    _rollout_history(served_console, out.parent / "screenshot-bundle")
+    page.goto(f"{base}/rollouts/")
+    page.screenshot(path=str(out / "console-rollouts.png"))
+    page.goto(f"{base}/rollouts/r1")
+    page.screenshot(path=str(out / "console-rollout.png"), full_page=True)
     w.check()
+
+
+def _rollout_history(served: Served, bundle: Path) -> None:
+    """A rollout started an hour ago: the canary and phase 1 succeeded, phase 2 half way with a
+    device that came back untrusted."""
+    svc = served.svc
+    now = svc.now()
+    t0 = now - 3_600_000
+    target = add_release(svc.repo, MemoryTargetStore(), write_bundle_dir(bundle), device_class="edge-camera",
+                         version="1.3.0", now=t0, actor="test").target
+    rollouts.create_rollout(svc.repo, target=target, group=Group("edge-camera"),
+                            plan=parse_plan({"canary": 1, "phases": [50, 100]}), now=t0, actor="alice",
+                            rollout_id="r1")
+    minute = 60_000
+    steps = [(5, 15, "succeeded", ""), (20, 35, "succeeded", ""),
+             (40, 50, "untrusted_after_update", "PCR 4 differs from the release's reference values"),
+             (40, None, "assigned", "")]
+    with svc.repo.write("screenshot rollout") as tx:
+        for m, (assigned, finished, state, reason) in zip(tx.rollouts.members("r1"), steps, strict=True):
+            tx.rollouts.set_member("r1", m.device_id, {
+                "state": state, "attempts": 1, "assigned_at": t0 + assigned * minute, "reason": reason,
+                "finished_at": t0 + finished * minute if finished else None})
+        tx.rollouts.set_rollout("r1", {"phase": 2})

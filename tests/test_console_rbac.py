@@ -12,6 +12,7 @@ fit.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,13 +32,16 @@ from fleet_server.console.rbac import (
     required_of,
 )
 from fleet_server.console.services import ConsoleServices
-from fleet_server.service import admin
+from fleet_server.rollouts.plan import Group, parse_plan
+from fleet_server.service import admin, rollouts
 from fleet_server.service.common import ManualClock
+from fleet_server.service.releases import add_release
 
 pytest.register_assert_rewrite("console_fixtures")
-pytest.register_assert_rewrite("browser_fixtures")
+pytest.register_assert_rewrite("browser_fixtures", "release_fixtures")
 from browser_fixtures import publish_test_model  # noqa: E402
 from console_fixtures import SoftDevice, csrf_of, golden_policy, login  # noqa: E402
+from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
 
 pytest_plugins = ("console_fixtures",)
 
@@ -74,12 +78,23 @@ CONSOLE_ROUTES: dict[str, Declared] = {
     "devices.revoke": Right.REVOKE,
     "devices.quarantine": Right.QUARANTINE,
     "devices.unquarantine": Right.APPROVE,
+    "devices.tags": Right.DEPLOY,
     "policies.index": Right.VIEW_FLEET,
     "policies.detail": Right.VIEW_FLEET,
     "policies.new": Right.EDIT_POLICIES,
     "policies.create": Right.EDIT_POLICIES,
     "releases.index": Right.VIEW_FLEET,
     "releases.detail": Right.VIEW_FLEET,
+    "rollouts.index": Right.VIEW_FLEET,
+    "rollouts.detail": Right.VIEW_FLEET,
+    "rollouts.new": Right.DEPLOY,
+    "rollouts.dry_run": Right.DEPLOY,
+    "rollouts.create": Right.DEPLOY,
+    "rollouts.pause": Right.DEPLOY,
+    "rollouts.resume": Right.DEPLOY,
+    "rollouts.approve": Right.DEPLOY,
+    "rollouts.cancel": Right.DEPLOY,
+    "rollouts.abort": Right.DEPLOY,
     "models.index": Right.MODEL_READ,
     "models.detail": Right.MODEL_READ,
     "models.publish": Right.MODEL_WRITE,
@@ -208,8 +223,13 @@ def _url(rule: Rule, method: str, samples: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-def samples(svc: ConsoleServices, users: dict[str, int], console_clock: ManualClock) -> dict[str, Any]:
+def samples(svc: ConsoleServices, users: dict[str, int], console_clock: ManualClock,
+            tmp_path: Path) -> dict[str, Any]:
     SoftDevice("cam-1", svc.repo, now=console_clock.now_ms())
+    release = add_release(svc.repo, MemoryTargetStore(), write_bundle_dir(tmp_path / "bundle"),
+                          device_class="edge-camera", version="1.3.0", now=svc.now(), actor="test")
+    rollouts.create_rollout(svc.repo, target=release.target, group=Group("edge-camera"), plan=parse_plan({}),
+                            now=svc.now(), actor="test", rollout_id="r1")
     stored = admin.store_policy(svc.repo, golden_policy(), now=console_clock.now_ms())
     from fleet_server.storage import alerting
 
@@ -218,7 +238,7 @@ def samples(svc: ConsoleServices, users: dict[str, int], console_clock: ManualCl
         alerting.raise_alerts(tx.conn, [alerting.NewAlert("unreachable", "warning", "m", "k", "cam-1")],
                               console_clock.now_ms())
     return {**GET_SAMPLES, "device_id": "cam-1", "policy_id": stored.id, "alert_id": 1,
-            "user_id": users["data_scientist"], "token_id": 1}
+            "user_id": users["data_scientist"], "token_id": 1, "release_id": release.id, "rollout_id": "r1"}
 
 
 def _request(client: FlaskClient, rule: Rule, method: str, samples: dict[str, Any],

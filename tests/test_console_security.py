@@ -5,6 +5,7 @@ never break a page."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,16 +21,20 @@ from fleet_server.console.app import dispose
 from fleet_server.console.rbac import public
 from fleet_server.console.security import CSP, csrf_token_for
 from fleet_server.console.services import ConsoleServices
+from fleet_server.rollouts.plan import Group, parse_plan
+from fleet_server.service import rollouts
 from fleet_server.service.common import ManualClock
+from fleet_server.service.releases import add_release
 
-pytest.register_assert_rewrite("console_fixtures")
+pytest.register_assert_rewrite("console_fixtures", "release_fixtures")
 from console_fixtures import SoftDevice, console_settings, csrf_of, login  # noqa: E402
+from release_fixtures import MemoryTargetStore, write_bundle_dir  # noqa: E402
 
 pytest_plugins = ("console_fixtures",)
 
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 SAMPLES: dict[str, Any] = {"device_id": "cam-1", "policy_id": 1, "alert_id": 1, "user_id": 1, "token_id": 1,
-                           "release_id": 1,
+                           "release_id": 1, "rollout_id": "r1",
                            "filename": "console.css"}
 
 
@@ -53,8 +58,13 @@ def _get_routes(app: Flask) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def admin_client(client: FlaskClient, users: dict[str, int], svc: ConsoleServices,
-                 console_clock: ManualClock) -> FlaskClient:
+                 console_clock: ManualClock, tmp_path: Path) -> FlaskClient:
     SoftDevice("cam-1", svc.repo, now=console_clock.now_ms())
+    release = add_release(svc.repo, MemoryTargetStore(), write_bundle_dir(tmp_path / "bundle"),
+                          device_class="edge-camera", version="1.3.0", now=svc.now(), actor="test")
+    assert release.id == SAMPLES["release_id"]
+    rollouts.create_rollout(svc.repo, target=release.target, group=Group("edge-camera"), plan=parse_plan({}),
+                            now=svc.now(), actor="test", rollout_id=SAMPLES["rollout_id"])
     login(client, "admin")
     return client
 

@@ -24,6 +24,7 @@ from fleet_server.console import (
     models,
     policies,
     releases,
+    rollouts,
     security,
     updates,
     users,
@@ -45,6 +46,7 @@ NAV: tuple[tuple[str, str, Declared], ...] = (
     ("devices.index", "Devices", Right.VIEW_FLEET),
     ("policies.index", "Policies", Right.VIEW_FLEET),
     ("releases.index", "Releases", Right.VIEW_FLEET),
+    ("rollouts.index", "Rollouts", Right.VIEW_FLEET),
     ("models.index", "Models", Right.MODEL_READ),
     ("alerts.index", "Alerts", Right.VIEW_FLEET),
     ("auditlog.index", "Audit log", Right.VIEW_AUDIT),
@@ -151,6 +153,7 @@ def build_app(config: ServerConfig | str | Path | None = None, *, clock: Callabl
     app.register_blueprint(devices.bp, url_prefix="/devices")
     app.register_blueprint(policies.bp, url_prefix="/policies")
     app.register_blueprint(releases.bp, url_prefix="/releases")
+    app.register_blueprint(rollouts.bp, url_prefix="/rollouts")
     app.register_blueprint(models.bp, url_prefix="/models")
     app.register_blueprint(alerts.bp, url_prefix="/alerts")
     app.register_blueprint(users.bp, url_prefix="/users")

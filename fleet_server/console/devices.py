@@ -22,7 +22,8 @@ from fleet_server.console.bootlog import MarkedEvent, failing_from_reasons, mark
 from fleet_server.console.queries import MAX_PAGE, DeviceFilter
 from fleet_server.console.rbac import Principal, Right, require
 from fleet_server.console.services import ConsoleServices, services
-from fleet_server.service import admin
+from fleet_server.rollouts.plan import RolloutError
+from fleet_server.service import admin, rollouts
 from fleet_server.service.policies import ANY_CLASS
 from fleet_server.storage.models import ATTESTED_STATES, DeviceState
 from fleet_server.storage.repo import DeviceRecord, PolicyRecord, Repository
@@ -43,6 +44,7 @@ DONE_MESSAGES = {
                   "quarantine is lifted.",
     "unquarantine": "Quarantine lifted: the device is enrolled and will be challenged now; only good "
                     "evidence makes it trusted.",
+    "tags": "Tags saved.",
 }
 
 
@@ -166,7 +168,7 @@ def _detail(device_id: str, *, error: str | None = None, status: int = 200) -> t
         model_rows=svc.queries.device_model_rows(device_id), alerts=alerts,
         runtime=svc.repo.models.runtime(device_id), model_loads=svc.repo.models.loads(device_id=device_id),
         attested=device.state in ATTESTED_STATES, error=error, running=running,
-        update=newest[0] if newest else None,
+        update=newest[0] if newest else None, tags=svc.repo.rollouts.tags(device_id),
         done=DONE_MESSAGES.get(request.args.get("done", "")),
         reason_max=MAX_REASON), status
 
@@ -280,3 +282,27 @@ def quarantine(device_id: str) -> BaseResponse | tuple[str, int]:
     except (admin.AdminError, MalformedInputError) as exc:
         return _refused(device_id, exc)
     return _done(svc, principal, "quarantine", transition, reason=reason)
+
+
+@bp.post("/<device_id>/tags")
+@require(Right.DEPLOY)
+def tags(device_id: str) -> BaseResponse | tuple[str, int]:
+    """Add the tags of the ``add`` field and remove those of ``remove`` (separated by commas or
+    spaces); target groups of rollouts select devices by tag."""
+    svc, principal = services(), _principal()
+    add = [t for t in request.form.get("add", "").replace(",", " ").split() if t][:32]
+    remove = [t for t in request.form.get("remove", "").replace(",", " ").split() if t][:32]
+    try:
+        validate_device_id(device_id)
+        if svc.repo.device(device_id) is None:
+            abort(404)
+        if not add and not remove:
+            raise RolloutError("give tags to add or remove")
+        added = rollouts.tag_device(svc.repo, device_id, add) if add else []
+        removed = rollouts.untag_device(svc.repo, device_id, remove) if remove else []
+    except MalformedInputError:
+        abort(404)
+    except RolloutError as exc:
+        return _detail(device_id, error=exc.diagnostics(), status=400)
+    svc.record(principal, "device.tag", f"device:{device_id}", {"added": added, "removed": removed})
+    return redirect(url_for("devices.detail", device_id=device_id, done="tags"), code=303)

@@ -58,6 +58,7 @@ ROLLOUT_ABORTED = "rollout_aborted"
 FIRMWARE, MODEL = "firmware", "model"
 _LEASES_HELD = (LeaseState.ACTIVE, LeaseState.SUPERSEDED)
 ROLLOUT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+RESERVED_IDS = frozenset({"new"})  # a page of the console's /rollouts/
 
 
 def _member(m: MemberRecord) -> engine.Member:
@@ -156,6 +157,8 @@ def _rollout_id(rollout_id: str | None) -> str:
     if ROLLOUT_ID_RE.fullmatch(rollout_id) is None:
         raise RolloutError(f"rollout id {rollout_id[:40]!r}: lowercase letters, digits, '.', '_', '-' "
                            "(at most 32)")
+    if rollout_id in RESERVED_IDS:
+        raise RolloutError(f"rollout id {rollout_id!r} is reserved (the console's /rollouts/{rollout_id})")
     return rollout_id
 
 

@@ -15,6 +15,13 @@ under the current folder, so it stays the same across runs; the administrator ac
 each run's fresh database with it. The demo also publishes a small classifier model (built at run
 time with ``onnx``) and entitles the devices' class to it: trusted devices download it and get its
 key; the tampered one is refused.
+
+It also ships one signed firmware update (docs/updates.md): the devices are provisioned for updates
+(``FleetConfig(updates=True)``), and once every device is appraised, *before* the two lines are
+printed, release :data:`DEMO_RELEASE` is built from the golden profile, published and assigned to the
+golden devices (about a second). The devices then download, install, power-cycle into the new slot
+and commit in the background while the demo runs (a few seconds); the console's Releases page and
+the device pages show the release and each assignment's progress.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ CREDENTIALS = "console-login.json"
 DEMO_QUERIES = 1_000_000
 DEMO_QUERY_INTERVAL = 2.0
 """Each device's inference API gets a request every two seconds, so the console shows query usage."""
+DEMO_RELEASE = "1.3.0"
+"""The firmware version the demo ships to its golden devices."""
 
 
 def register(subparsers: Any) -> None:
@@ -52,6 +61,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
                         help="where the console password is kept (default var/demo)")
     parser.add_argument("--no-model", action="store_true", help="do not publish the demo model")
+    parser.add_argument("--no-update", action="store_true", help="do not ship the demo firmware update")
     parser.set_defaults(handler=_demo)
 
 
@@ -107,6 +117,17 @@ def _create_admin(harness: FleetHarness, password: str) -> None:
         engine.dispose()
 
 
+def _ship_update(harness: FleetHarness) -> None:
+    """Publish :data:`DEMO_RELEASE` (golden profile) and assign it to the golden devices; they
+    install it in the background."""
+    golden = harness.golden_device_ids()
+    if not golden:
+        return
+    target = harness.publish_release(DEMO_RELEASE)
+    harness.assign_release(target, golden)
+    _progress(f"{target} assigned to {len(golden)} devices; they install it in the background")
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.devices < 1 or not 0 <= args.tampered <= args.devices:
         raise ConfigError("--devices must be at least 1 and --tampered between 0 and --devices")
@@ -115,7 +136,8 @@ def _demo(args: argparse.Namespace) -> int:
     config = FleetConfig(devices=args.devices, tampered=args.tampered, tampered_profile="tampered-kernel",
                          interval=args.interval, duration=None, console_port=args.port,
                          model=model, model_name="classifier", queries=0 if model is None else DEMO_QUERIES,
-                         query_interval=DEMO_QUERY_INTERVAL, agent_log_level="warning")
+                         query_interval=DEMO_QUERY_INTERVAL, agent_log_level="warning",
+                         updates=not args.no_update)
     harness = FleetHarness(config, progress=_progress)
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -125,6 +147,8 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         harness.start()
         _create_admin(harness, password)
+        if not args.no_update:
+            _ship_update(harness)
         url = harness.console_url
         if url is None:
             raise EdgeError("the console did not start")

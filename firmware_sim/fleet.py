@@ -13,7 +13,9 @@ Steps of :meth:`FleetHarness.start`:
    certificates, result-signing key, migrated database; then ``server.toml`` is rewritten with the
    harness's timing (interval, jitter, scheduler tick...); with ``updates``, ``fleet-server updates
    init`` and the root exported for the agents' ``[update]`` (:meth:`FleetHarness.publish_release`,
-   :meth:`~FleetHarness.assign_release` then ship releases);
+   :meth:`~FleetHarness.assign_release` then ship releases; with ``release``, that bundle is published
+   after step 5 and :attr:`FleetHarness.update_driver` assigns it during the window, see
+   :mod:`firmware_sim.fleet_updates`);
 3. Mosquitto with the fleet PKI (:class:`~firmware_sim.broker.MosquittoBroker`);
 4. N :class:`~firmware_sim.device.SimulatedDevice` made in parallel (``swtpm_setup`` takes about
    0.7 s each, mostly waiting) and booted; the first ``tampered`` with ``tampered_profile``;
@@ -80,6 +82,7 @@ from firmware_sim.fleet_report import (
     read_load_failures,
     read_window,
 )
+from firmware_sim.fleet_updates import UpdateDriver
 from firmware_sim.manufacturer import ManufacturerCA
 from firmware_sim.power import PowerCycler
 from firmware_sim.procutil import free_port
@@ -167,6 +170,17 @@ class FleetConfig:
     """Provision the devices for signed updates: ``fleet-server updates init``, the root exported to
     ``<workdir>/update-root.json`` (:attr:`FleetHarness.update_root`), and every agent configured
     with ``[update]`` (its device's boot folder and that root)."""
+    release: Path | None = None
+    """A release bundle folder (``firmware-sim release build``; implies ``updates``): published while
+    the fleet is built, assigned to every golden device ``update_at`` seconds into the window, and
+    waited for after it (:mod:`firmware_sim.fleet_updates`)."""
+    update_at: float | None = None
+    """Seconds into the window at which the release is assigned; default a third of the window."""
+    update_deadline: float = 300.0
+    """The assignments' deadline (``release assign --deadline-s``); also bounds the wait after the window."""
+    bad_update: int = 0
+    """The first ``bad_update`` golden devices boot a patched kernel from a trial slot
+    (``SimulatedDevice.create(trial_tamper="kernel")``): they install a release but boot something else."""
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -211,6 +225,34 @@ class FleetConfig:
             raise ConfigError("queries: must be between 0 and 1000000")
         if self.query_interval is not None and not 0.001 <= self.query_interval <= 86400:
             raise ConfigError("query_interval: must be between 0.001 and 86400 seconds")
+        if not 0 <= self.bad_update <= self.devices - self.tampered:
+            raise ConfigError("bad_update: must be between 0 and the number of golden devices")
+        if self.bad_update and not self.provision_updates:
+            raise ConfigError("bad_update: needs a release (--release BUNDLE_DIR)")
+        if self.update_at is not None and not 0 <= self.update_at < (self.duration or 7 * 86400):
+            raise ConfigError("update_at: must be >= 0 seconds and inside the window (duration)")
+        if self.release is not None:
+            if self.duration is None and self.update_at is None:
+                raise ConfigError("release: needs a window (duration) or update_at")
+            from firmware_sim.fleet_updates import ReleaseBundle
+
+            bundle = ReleaseBundle.read(self.release)
+            if bundle.device_class != get_profile("golden").device_class:
+                raise ConfigError(f"release: {self.release} is for class {bundle.device_class}, the golden "
+                                  f"devices are {get_profile('golden').device_class}")
+        if not 1 <= self.update_deadline <= 86400:
+            raise ConfigError("update_deadline: must be between 1 and 86400 seconds")
+
+    @property
+    def provision_updates(self) -> bool:
+        """Whether the devices are provisioned for updates (``updates`` or a ``release``)."""
+        return self.updates or self.release is not None
+
+    @property
+    def effective_update_at(self) -> float:
+        if self.update_at is not None:
+            return self.update_at
+        return (self.duration or 0.0) / 3
 
     @property
     def effective_model_name(self) -> str:
@@ -272,6 +314,8 @@ class Measurement:
     agents: dict[str, AgentSnapshot] = field(default_factory=dict)
     model_usage: dict[str, ModelUsage] = field(default_factory=dict)
     """Per device, the inference requests of the window (with a model)."""
+    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per assigned device, the update driver's report entries (with a release)."""
 
 
 def _toml_str(value: str) -> str:
@@ -328,6 +372,9 @@ class FleetHarness:
         self.update_root: Path | None = None
         """The update repository's root metadata the agents trust (with ``updates``): set, every agent
         configuration written from then on has ``[update]``."""
+        self.update_driver: UpdateDriver | None = None
+        """What :meth:`run` drives updates with: with a ``release``, a
+        :class:`~firmware_sim.fleet_updates.ReleaseAtTime` made by :meth:`start`; replaceable (a rollout)."""
 
     # -- paths -------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> Path:
@@ -412,11 +459,13 @@ class FleetHarness:
         self._check_interrupted()
         self._start_broker()
         self._write_server_config()
-        if cfg.updates:
+        if cfg.provision_updates:
             self._init_updates()
         self._make_devices(ca)
         self._check_interrupted()
         self._store_policy()
+        if cfg.release is not None:
+            self._add_release(cfg.release)
         if cfg.model is not None:
             self._publish_model()
         self._preregister(ca)
@@ -577,16 +626,22 @@ class FleetHarness:
 
     def _make_devices(self, ca: ManufacturerCA) -> None:
         plan = self._device_plan()
+        bad_text = f", {self.config.bad_update} booting a patched kernel after an update" \
+            if self.config.bad_update else ""
         self._progress(f"creating {len(plan)} devices ({self.config.tampered} with "
-                       f"{self.config.tampered_profile})")
+                       f"{self.config.tampered_profile}{bad_text})")
         made: dict[str, SimulatedDevice] = {}
         lock = threading.Lock()
+        # The first ``bad_update`` golden devices boot a patched kernel from a trial slot.
+        golden = [device_id for device_id, profile in plan if profile.name == "golden"]
+        bad = set(golden[:self.config.bad_update])
 
         def make(entry: tuple[str, Profile]) -> None:
             if self._stop_requested.is_set():
                 return
             device_id, profile = entry
-            sim = SimulatedDevice.create(self._path("devices", device_id), ca=ca, profile=profile)
+            sim = SimulatedDevice.create(self._path("devices", device_id), ca=ca, profile=profile,
+                                         trial_tamper="kernel" if device_id in bad else None)
             with lock:
                 made[device_id] = sim  # registered before booting: stop() powers it off
             sim.boot()
@@ -848,28 +903,50 @@ class FleetHarness:
         self._progress(f"release {target} published")
         return target
 
-    def assign_release(self, target: str, device_ids: Sequence[str]) -> dict[str, str]:
-        """``fleet-server release assign``: ``{device_id: assignment_id}``."""
+    def _add_release(self, path: Path) -> None:
+        """Publish a release bundle folder (``fleet-server release add``, class and version from its
+        ``release.json``) and make the :attr:`update_driver` that assigns it during the window."""
+        import json
+
+        from firmware_sim.fleet_updates import ReleaseAtTime, ReleaseBundle
+        from fleet_server.cli import main as fleet_server
+
+        bundle = ReleaseBundle.read(path)
+        argv = ["release", "add", str(bundle.path), "--class", bundle.device_class, "--version",
+                bundle.version, "--json", "--config", str(self.server_config)]
+        target = str(json.loads(_run_cli(fleet_server, argv, "fleet-server release add"))["target"])
+        self._progress(f"release {target} published")
+        self.update_driver = ReleaseAtTime(target, bundle.version, at_s=self.config.effective_update_at,
+                                           deadline_s=self.config.update_deadline)
+
+    def assign_release(self, target: str, device_ids: Sequence[str], *,
+                       deadline_s: float | None = None) -> dict[str, str]:
+        """``fleet-server release assign`` (``--deadline-s`` if given): ``{device_id: assignment_id}``."""
         import json
 
         from fleet_server.cli import main as fleet_server
 
         argv = ["release", "assign", target, "--json", "--config", str(self.server_config)]
+        if deadline_s is not None:
+            argv += ["--deadline-s", repr(float(deadline_s))]
         for device_id in device_ids:
             argv += ["--device", device_id]
         out = _run_cli(fleet_server, argv, "fleet-server release assign")
         return {str(a["device_id"]): str(a["assignment_id"]) for a in json.loads(out)["assignments"]}
 
     def assignments(self, target: str) -> dict[str, dict[str, Any]]:
-        """The assignments of release ``target`` by id (``fleet-server release show --json``: ``state``,
-        ``reason``, ``device_id``...)."""
-        import json
+        """The assignments of release ``target`` by id, as ``fleet-server release show --json`` prints
+        them (``state``, ``reason``, ``device_id``, ``updated_at``...), read from the server database
+        directly: polling it runs no CLI, whose captured output would swallow the progress lines
+        other threads print meanwhile."""
+        from fleet_server.service.releases import assignment_json
 
-        from fleet_server.cli import main as fleet_server
-
-        argv = ["release", "show", target, "--json", "--config", str(self.server_config)]
-        out = _run_cli(fleet_server, argv, "fleet-server release show")
-        return {str(a["assignment_id"]): dict(a) for a in json.loads(out)["assignments"]}
+        repo = self._repo()
+        found = repo.releases.release(target)
+        if found is None:
+            raise HarnessError(f"no release {target!r}")
+        records = repo.releases.assignments(release_id=found.id, limit=max(100, 10 * len(self.devices)))
+        return {str(rec.id): assignment_json(rec) for rec in records}
 
     # -- the broker --------------------------------------------------------------------------------
     def restart_broker(self) -> None:
@@ -950,6 +1027,54 @@ class FleetHarness:
     def device_states(self) -> dict[str, DeviceRow]:
         """Every device's state and reasons, from the server database."""
         return read_devices(self._db())
+
+    def golden_device_ids(self) -> list[str]:
+        """The devices built with the golden profile (those a release is shipped to), in order."""
+        return [d.id for d in self.devices.values() if d.profile.name == "golden"]
+
+    def _repo(self) -> Any:
+        from fleet_server.storage.repo import Repository
+
+        return Repository(self._db())
+
+    def firmware_versions(self) -> dict[str, str]:
+        """device id -> the firmware version the server records for it."""
+        repo = self._repo()
+        out: dict[str, str] = {}
+        for device_id in self.devices:
+            record = repo.device(device_id)
+            if record is not None:
+                out[device_id] = record.firmware_version
+        return out
+
+    def last_appraisals(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """device id -> when (ms) its newest attestation result was stored (devices with one)."""
+        repo = self._repo()
+        out: dict[str, int] = {}
+        for device_id in device_ids:
+            newest = repo.attestations(device_id, limit=1)
+            if newest:
+                out[device_id] = int(newest[0].stored_at)
+        return out
+
+    def states_between(self, device_id: str, before: str, start_ms: int, end_ms: int | None) -> list[str]:
+        """``before`` and then every state the device changed to from ``start_ms`` to ``end_ms`` (or
+        now), as the server's state history has them (repeats in a row collapsed)."""
+        changes = sorted(self._repo().state_history(device_id, limit=1000), key=lambda c: c.at)
+        seen = [before]
+        for change in changes:
+            if change.at >= start_ms and (end_ms is None or change.at <= end_ms) \
+                    and change.to_state != seen[-1]:
+                seen.append(change.to_state)
+        return seen
+
+    def progress(self, line: str) -> None:
+        """One progress line (what the harness reports its steps with)."""
+        self._progress(line)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if a stop is requested."""
+        self._stop_requested.wait(seconds)
 
     def attestation_counts(self) -> dict[str, int]:
         """Attestations stored per device so far (all time), from the server database."""
@@ -1094,8 +1219,12 @@ class FleetHarness:
         load = None if self.model_load_errors else self._query_load()
         if load is not None:
             load.start()
-        end_at = None if length is None else time.monotonic() + length
+        began = time.monotonic()
+        end_at = None if length is None else began + length
+        driver = self.update_driver
         while not self._stop_requested.is_set():
+            if driver is not None:
+                driver.tick(self, time.monotonic() - began)
             remaining = None if end_at is None else end_at - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
@@ -1113,9 +1242,15 @@ class FleetHarness:
             usage = load.usage()
         snapshots = self.agent_status()
         msgs = self._messages(snapshots) - msgs0
+        updates: dict[str, dict[str, Any]] = {}
+        if driver is not None:
+            if not self._stop_requested.is_set():
+                driver.finish(self)
+            updates = driver.device_reports(self)
         rows = self.device_states()
         return Measurement(start_ms=start, end_ms=end, cpu=cpu, mqtt_messages=msgs, devices=rows,
-                           interrupted=self._stop_requested.is_set(), agents=snapshots, model_usage=usage)
+                           interrupted=self._stop_requested.is_set(), agents=snapshots, model_usage=usage,
+                           updates=updates)
 
     def report(self, measurement: Measurement) -> dict[str, Any]:
         """The report of a measured window, from the server database (see :mod:`firmware_sim.fleet_report`).
@@ -1133,7 +1268,9 @@ class FleetHarness:
                          "jitter_s": cfg.effective_jitter, "scheduler_tick_s": cfg.effective_tick,
                          "server_workers": cfg.server_workers,
                          "agent_processes": cfg.effective_agent_processes,
-                         "batch_linger_s": cfg.batch_linger, "cpus": os.cpu_count()},
+                         "batch_linger_s": cfg.batch_linger, "cpus": os.cpu_count(),
+                         "release": None if cfg.release is None else str(cfg.release),
+                         "bad_update": cfg.bad_update},
         }
         per_device: dict[str, dict[str, Any]] = {}
         if cfg.model is not None:
@@ -1153,6 +1290,10 @@ class FleetHarness:
                 "served_total": sum(u.served for u in measurement.model_usage.values()),
                 "refused_total": sum(u.refused for u in measurement.model_usage.values()),
             }
+        for device_id, entries in measurement.updates.items():
+            per_device.setdefault(device_id, {}).update(entries)
+        if self.update_driver is not None:
+            extra["update"] = self.update_driver.summary()
         infos = [DeviceInfo(d.id, d.profile.name) for d in self.devices.values()]
         return build_report(devices=infos, rows=measurement.devices, window=window, cpu=measurement.cpu,
                             mqtt_messages=measurement.mqtt_messages, extra=extra, per_device=per_device)

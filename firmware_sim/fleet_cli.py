@@ -5,6 +5,7 @@
     firmware-sim fleet --devices N [--tampered K] [--tampered-profile P] [--interval S]
                        --duration S [--report FILE] [--workdir DIR] [--keep] ...
                        [--model FILE.onnx [--queries N] [--model-policy FILE.toml]]
+                       [--release BUNDLE_DIR [--bad-update K] [--update-at S]]
 
 Starts its own Mosquitto, a fleet server (``fleet-server run`` subprocess) and N swtpm-backed
 simulated devices with their agents (:class:`firmware_sim.fleet.FleetHarness`), waits until every
@@ -74,6 +75,16 @@ def register(sub: Any) -> None:
                         "see `fleet-server model publish --policy`)")
     m.add_argument("--query-interval", type=float, metavar="S",
                    help="seconds between a device's requests (default: the window divided by N)")
+    u = p.add_argument_group("firmware update (docs/harness.md, \"Updates during a run\")")
+    u.add_argument("--release", type=Path, metavar="BUNDLE_DIR",
+                   help="publish this release bundle (`firmware-sim release build`) and assign it to every "
+                        "golden device partway through the window")
+    u.add_argument("--update-at", type=float, metavar="S",
+                   help="seconds into the window at which the release is assigned (default a third of it)")
+    u.add_argument("--update-deadline", type=float, default=300.0, metavar="S",
+                   help="the assignments' deadline; also bounds the wait after the window (default 300)")
+    u.add_argument("--bad-update", type=int, default=0, metavar="K",
+                   help="the first K golden devices boot a patched kernel after installing (they roll back)")
     p.set_defaults(handler=_cmd_fleet)
 
 
@@ -90,6 +101,10 @@ def _summary(report: dict[str, Any]) -> str:
     model_text = ("" if model is None else
                   f"; model {model['name']}: unlocked on {model['unlocked_devices']} devices, "
                   f"{model['served_total']} requests served, {model['refused_total']} refused")
+    update = report.get("update")
+    if update is not None:
+        model_text += (f"; update to {update['version']}: "
+                       + (", ".join(f"{n} {s}" for s, n in update["states"].items()) or "not assigned"))
     return (f"{report['attestations_total']} attestations in {report['duration_s']:.1f} s: "
             f"{report['attestations_per_s']:.1f}/s, latency p50 {report['latency_ms']['p50']:.1f} ms "
             f"p99 {report['latency_ms']['p99']:.1f} ms, server CPU "
@@ -108,7 +123,9 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
                          agent_processes=args.agent_processes, settle_timeout=args.settle_timeout,
                          server_log_level=args.server_log_level, model=args.model, queries=args.queries,
                          model_name=args.model_name, model_policy=args.model_policy,
-                         query_interval=args.query_interval)
+                         query_interval=args.query_interval, release=args.release,
+                         update_at=args.update_at, update_deadline=args.update_deadline,
+                         bad_update=args.bad_update)
     harness = FleetHarness(config, progress=_progress)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

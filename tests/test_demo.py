@@ -1,6 +1,7 @@
 """`make demo` (``firmware-sim demo``) as a newcomer sees it: two exact lines on stdout, a console
 that accepts that login and shows the tampered device untrusted with its failing event, metrics,
-the password kept (0600) across runs, and Ctrl-C stopping everything it started."""
+the demo's firmware release committed on the golden devices, the password kept (0600) across runs,
+and Ctrl-C stopping everything it started."""
 
 from __future__ import annotations
 
@@ -105,6 +106,21 @@ def test_demo_prints_the_console_and_login_serves_the_fleet_and_stops_on_ctrl_c(
             assert time.monotonic() < deadline, "no model lease shown for a trusted device"
             time.sleep(1)
         assert "classifier" in page
+
+        # The demo ships firmware 1.3.0 to its golden devices: they install it, power-cycle into
+        # the new slot, attest trusted on it and commit; the device and release pages show it.
+        deadline = time.monotonic() + 240
+        while 'class="update-state">committed' not in (
+                page := opener.open(base + "devices/dev-001", timeout=30).read().decode()):
+            assert time.monotonic() < deadline, "the demo's release was not committed on dev-001"
+            time.sleep(2)
+        assert "firmware/edge-camera/1.3.0.fwb" in page
+        releases = opener.open(base + "releases", timeout=30).read().decode()
+        link = re.search(r'href="/releases/(\d+)">firmware/edge-camera/1\.3\.0\.fwb<', releases)
+        assert link, releases
+        detail = opener.open(base + f"releases/{link.group(1)}", timeout=30).read().decode()
+        assert "dev-001" in detail and "committed" in detail
+        assert "dev-000" not in detail  # the tampered device is not offered the release
     finally:
         out, err = _stop(proc)
     assert proc.returncode == 0, err

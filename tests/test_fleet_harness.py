@@ -249,6 +249,50 @@ def test_a_model_the_devices_cannot_load_ends_the_run_early_with_onnxruntimes_re
 @pytest.mark.swtpm
 @pytest.mark.mqtt
 @pytest.mark.slow
+def test_fleet_with_a_release_commits_it_on_golden_devices_and_rolls_back_the_one_booting_another_image(
+        tmp_path: Path) -> None:
+    bundle, workdir, report_path = tmp_path / "bundle-1.3.0", tmp_path / "work", tmp_path / "report.json"
+    assert firmware_sim(["release", "build", str(bundle), "--from", "golden", "--version", "1.3.0"]) == 0
+    res = subprocess.run(_fleet_cmd(workdir, "--devices", "3", "--release", str(bundle), "--bad-update", "1",
+                                    "--interval", "1", "--duration", "6", "--report", str(report_path)),
+                         capture_output=True, text=True, timeout=400, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert all(line.startswith("firmware-sim fleet: ") for line in res.stderr.splitlines()), res.stderr
+
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    assert set(report) >= CONTRACT_KEYS
+    devices = report["devices"]
+    assert [d["id"] for d in devices] == ["dev-000", "dev-001", "dev-002"]
+    assert all(set(d) == DEVICE_KEYS | {"update", "trust"} for d in devices)
+    assert all(set(d["update"]) == {"from", "to", "state", "reason", "version_after", "trial_tamper"}
+               and set(d["trust"]) == {"before", "during", "after"} for d in devices)
+    bad, *good = devices
+    for device in good:  # installed, booted the new slot, attested trusted on the release, committed
+        assert device["update"] == {"from": "1.2.0", "to": "1.3.0", "state": "committed", "reason": None,
+                                    "version_after": "1.3.0", "trial_tamper": None}, device
+        assert device["trust"] == {"before": "trusted", "during": ["trusted"], "after": "trusted"}, device
+        assert device["state"] == "trusted"
+    # The first golden device boots a patched kernel from the trial slot: untrusted with the failing
+    # event named, rolled back, trusted again on 1.2.0.
+    update = bad["update"]
+    assert (update["state"], update["version_after"], update["trial_tamper"]) == ("rolled_back", "1.2.0",
+                                                                                  "kernel"), bad
+    assert update["reason"].startswith("attestation verdict untrusted:"), update
+    assert "EV_EFI_BOOT_SERVICES_APPLICATION" in update["reason"] and "vmlinuz" in update["reason"], update
+    assert bad["trust"]["before"] == "trusted" and "untrusted" in bad["trust"]["during"], bad
+    assert bad["trust"]["after"] == "trusted" and bad["state"] == "trusted", bad
+    summary = report["update"]
+    assert summary["target"] == "firmware/edge-camera/1.3.0.fwb" and summary["assigned_devices"] == 3
+    assert summary["states"] == {"committed": 2, "rolled_back": 1}
+    assert 0 <= summary["assigned_at_s"] < report["duration_s"]
+    assert report["settings"]["bad_update"] == 1
+    assert _live_processes_mentioning(str(workdir)) == []
+
+
+@pytest.mark.swtpm
+@pytest.mark.mqtt
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     proc = subprocess.Popen(_fleet_cmd(workdir, "--devices", "2", "--duration", "600", "--keep"),
@@ -288,6 +332,11 @@ def test_bad_arguments_are_one_line_errors_and_start_nothing(tmp_path: Path,
         (["--devices", "2", "--model", str(tmp_path / "absent.onnx"), "--duration", "1"], "absent.onnx"),
         (["--devices", "2", "--model", __file__, "--model-name", "Bad Name", "--duration", "1"],
          "model_name"),
+        (["--devices", "2", "--release", str(tmp_path / "absent"), "--duration", "1"], "absent"),
+        (["--devices", "2", "--release", str(tmp_path), "--duration", "1"], "release.json"),
+        (["--devices", "2", "--bad-update", "1", "--duration", "1"], "bad_update"),
+        (["--devices", "2", "--release", str(tmp_path), "--update-at", "5", "--duration", "1"], "update_at"),
+        (["--devices", "2", "--tampered", "2", "--bad-update", "1", "--duration", "1"], "bad_update"),
     ]
     for args, word in cases:
         status = firmware_sim(["fleet", "--workdir", str(tmp_path / "w"), *args])

@@ -7,10 +7,8 @@ rollout):
 * a release the canary device boots a wrong image after (``--bad 1``) aborts the rollout after the
   canary: the other devices are never assigned, the server raised a critical ``rollout_aborted``
   alert, and the abort latency is recorded;
+* a device offline when its phase is assigned times out and is assigned again (``retries``);
 * plan-file and option errors are one line, before anything starts; the canary arithmetic (pure).
-
-A device offline during its phase timing out and being assigned again is covered at the server level
-(``tests/test_server_rollouts.py::test_a_device_that_times_out_is_retried``), not here.
 """
 
 from __future__ import annotations
@@ -18,13 +16,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from firmware_sim.cli import main as firmware_sim
-from firmware_sim.fleet_rollout import canary_for
+from firmware_sim.fleet import FleetConfig, FleetHarness
+from firmware_sim.fleet_rollout import RolloutDriver, canary_for
 from fleet_server.config import load_config
 from fleet_server.rollouts.plan import parse_plan
 from fleet_server.storage.db import create_engine
@@ -168,3 +168,57 @@ def test_the_bad_devices_are_named_into_the_canary_without_growing_it() -> None:
     assert canary_for(parse_plan({"canary": 2, "canary_devices": ["dev-000"]}), 10, ["dev-000"]) == (
         2, ["dev-000"])
     assert canary_for(parse_plan({"canary": 2}), 10, []) == (2, [])
+
+
+@pytest.mark.swtpm
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_a_device_offline_when_its_phase_is_assigned_times_out_and_is_assigned_again(tmp_path: Path) -> None:
+    # dev-000 is named the canary; dev-001 (phase 1) is offline when the phase is assigned, so it never
+    # receives its assignment (the agents' MQTT sessions start clean). It comes back online at once;
+    # after device_timeout_s its member times out, goes back to pending (retries = 1), and the
+    # assignment sent again reaches it: it installs, is attested trusted on the release, succeeds.
+    plan = tmp_path / "plan.toml"
+    plan.write_text('canary = 0\ncanary_devices = ["dev-000"]\nphases = [100]\nretries = 1\n'
+                    "device_timeout_s = 30\nabort_failure_percent = 50\n")
+    config = FleetConfig(devices=3, interval=1.0, duration=1.0, update_at=0.0, release=_bundle(tmp_path),
+                         rollout=plan, update_deadline=240.0, workdir=tmp_path / "work")
+    offline = "dev-001"
+    harness = FleetHarness(config)
+    seen: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def bring_back() -> None:  # once its first assignment was sent (and lost), start its agent again
+        driver = harness.update_driver
+        assert isinstance(driver, RolloutDriver)
+        while not stop.is_set():
+            if driver.rollout_id is not None:
+                members = harness.rollout(driver.rollout_id)["members"]
+                member = next(m for m in members if m["device_id"] == offline)
+                if member["state"] == "assigned":
+                    seen.append((member["state"], member["attempts"]))
+                    harness.start_agent(offline)
+                    return
+            stop.wait(0.2)
+
+    try:
+        harness.start()
+        harness.stop_agent(offline)
+        helper = threading.Thread(target=bring_back, daemon=True)
+        helper.start()
+        measurement = harness.run()
+        stop.set()
+        helper.join(10)
+        harness.stop()
+        report = harness.report(measurement)
+    finally:
+        stop.set()
+        harness.close()
+    assert seen == [("assigned", 1)]
+    rollout = report["rollout"]
+    assert rollout["state"] == "completed", rollout
+    assert [(p["devices"], p["succeeded"]) for p in rollout["phases"]] == [(1, 1), (2, 2)]
+    devices = {d["id"]: d for d in report["devices"]}
+    assert devices[offline]["update"]["attempts"] == 2 and devices[offline]["update"]["state"] == "succeeded"
+    assert devices[offline]["update"]["version_after"] == "1.3.0"
+    assert devices["dev-000"]["update"]["attempts"] == 1 and devices["dev-002"]["update"]["attempts"] == 1

@@ -15,7 +15,8 @@ Steps of :meth:`FleetHarness.start`:
    init`` and the root exported for the agents' ``[update]`` (:meth:`FleetHarness.publish_release`,
    :meth:`~FleetHarness.assign_release` then ship releases; with ``release``, that bundle is published
    after step 5 and :attr:`FleetHarness.update_driver` assigns it during the window, see
-   :mod:`firmware_sim.fleet_updates`);
+   :mod:`firmware_sim.fleet_updates`, or rolls it out in phases with a ``rollout`` plan, see
+   :mod:`firmware_sim.fleet_rollout`);
 3. Mosquitto with the fleet PKI (:class:`~firmware_sim.broker.MosquittoBroker`);
 4. N :class:`~firmware_sim.device.SimulatedDevice` made in parallel (``swtpm_setup`` takes about
    0.7 s each, mostly waiting) and booted; the first ``tampered`` with ``tampered_profile``;
@@ -181,6 +182,10 @@ class FleetConfig:
     bad_update: int = 0
     """The first ``bad_update`` golden devices boot a patched kernel from a trial slot
     (``SimulatedDevice.create(trial_tamper="kernel")``): they install a release but boot something else."""
+    rollout: Path | None = None
+    """A rollout plan file (``PLAN.toml``, docs/rollouts.md; needs ``release``): the release goes to the
+    golden devices through a staged rollout (:mod:`firmware_sim.fleet_rollout`, the ``bad_update``
+    devices in its canary) instead of to all of them at once."""
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -242,6 +247,12 @@ class FleetConfig:
                                   f"devices are {get_profile('golden').device_class}")
         if not 1 <= self.update_deadline <= 86400:
             raise ConfigError("update_deadline: must be between 1 and 86400 seconds")
+        if self.rollout is not None:
+            if self.release is None:
+                raise ConfigError("rollout: needs a release (--release BUNDLE_DIR)")
+            from firmware_sim.fleet_rollout import RolloutPlanFile
+
+            RolloutPlanFile.read(self.rollout)
 
     @property
     def provision_updates(self) -> bool:
@@ -374,7 +385,8 @@ class FleetHarness:
         configuration written from then on has ``[update]``."""
         self.update_driver: UpdateDriver | None = None
         """What :meth:`run` drives updates with: with a ``release``, a
-        :class:`~firmware_sim.fleet_updates.ReleaseAtTime` made by :meth:`start`; replaceable (a rollout)."""
+        :class:`~firmware_sim.fleet_updates.ReleaseAtTime` made by :meth:`start` (with a ``rollout``
+        plan, a :class:`~firmware_sim.fleet_rollout.RolloutDriver`); replaceable."""
 
     # -- paths -------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> Path:
@@ -905,9 +917,11 @@ class FleetHarness:
 
     def _add_release(self, path: Path) -> None:
         """Publish a release bundle folder (``fleet-server release add``, class and version from its
-        ``release.json``) and make the :attr:`update_driver` that assigns it during the window."""
+        ``release.json``) and make the :attr:`update_driver` that assigns it during the window (or
+        rolls it out, with a ``rollout`` plan)."""
         import json
 
+        from firmware_sim.fleet_rollout import RolloutDriver, RolloutPlanFile
         from firmware_sim.fleet_updates import ReleaseAtTime, ReleaseBundle
         from fleet_server.cli import main as fleet_server
 
@@ -916,8 +930,13 @@ class FleetHarness:
                 bundle.version, "--json", "--config", str(self.server_config)]
         target = str(json.loads(_run_cli(fleet_server, argv, "fleet-server release add"))["target"])
         self._progress(f"release {target} published")
-        self.update_driver = ReleaseAtTime(target, bundle.version, at_s=self.config.effective_update_at,
-                                           deadline_s=self.config.update_deadline)
+        cfg = self.config
+        if cfg.rollout is not None:
+            self.update_driver = RolloutDriver(target, bundle.version, RolloutPlanFile.read(cfg.rollout),
+                                               at_s=cfg.effective_update_at, deadline_s=cfg.update_deadline)
+        else:
+            self.update_driver = ReleaseAtTime(target, bundle.version, at_s=cfg.effective_update_at,
+                                               deadline_s=cfg.update_deadline)
 
     def assign_release(self, target: str, device_ids: Sequence[str], *,
                        deadline_s: float | None = None) -> dict[str, str]:
@@ -933,6 +952,33 @@ class FleetHarness:
             argv += ["--device", device_id]
         out = _run_cli(fleet_server, argv, "fleet-server release assign")
         return {str(a["device_id"]): str(a["assignment_id"]) for a in json.loads(out)["assignments"]}
+
+    def create_rollout(self, target: str, plan: Path, *, canary: int | None = None,
+                       canary_devices: Sequence[str] = (), devices: Sequence[str] = ()) -> dict[str, Any]:
+        """``fleet-server rollout create TARGET --plan PLAN --json`` (``--canary``, ``--canary-device``
+        and ``--device`` if given; they override the plan's keys): the rollout as ``rollout show
+        --json`` prints it."""
+        import json
+
+        from fleet_server.cli import main as fleet_server
+
+        argv = ["rollout", "create", target, "--plan", str(plan), "--json",
+                "--config", str(self.server_config)]
+        if canary is not None:
+            argv += ["--canary", str(canary)]
+        for device_id in canary_devices:
+            argv += ["--canary-device", device_id]
+        for device_id in devices:
+            argv += ["--device", device_id]
+        out: dict[str, Any] = json.loads(_run_cli(fleet_server, argv, "fleet-server rollout create"))
+        return out
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        """A rollout as ``fleet-server rollout show ID --json`` prints it (state, phases, members),
+        read from the server database directly (no captured CLI output, see :meth:`assignments`)."""
+        from fleet_server.service import rollouts
+
+        return rollouts.view_json(rollouts.view(self._repo(), rollout_id, now=_now_ms()))
 
     def assignments(self, target: str) -> dict[str, dict[str, Any]]:
         """The assignments of release ``target`` by id, as ``fleet-server release show --json`` prints
@@ -1270,7 +1316,8 @@ class FleetHarness:
                          "agent_processes": cfg.effective_agent_processes,
                          "batch_linger_s": cfg.batch_linger, "cpus": os.cpu_count(),
                          "release": None if cfg.release is None else str(cfg.release),
-                         "bad_update": cfg.bad_update},
+                         "bad_update": cfg.bad_update,
+                         "rollout": None if cfg.rollout is None else str(cfg.rollout)},
         }
         per_device: dict[str, dict[str, Any]] = {}
         if cfg.model is not None:
@@ -1293,7 +1340,7 @@ class FleetHarness:
         for device_id, entries in measurement.updates.items():
             per_device.setdefault(device_id, {}).update(entries)
         if self.update_driver is not None:
-            extra["update"] = self.update_driver.summary()
+            extra.update(self.update_driver.summary())
         infos = [DeviceInfo(d.id, d.profile.name) for d in self.devices.values()]
         return build_report(devices=infos, rows=measurement.devices, window=window, cpu=measurement.cpu,
                             mqtt_messages=measurement.mqtt_messages, extra=extra, per_device=per_device)

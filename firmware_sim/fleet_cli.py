@@ -5,7 +5,7 @@
     firmware-sim fleet --devices N [--tampered K] [--tampered-profile P] [--interval S]
                        --duration S [--report FILE] [--workdir DIR] [--keep] ...
                        [--model FILE.onnx [--queries N] [--model-policy FILE.toml]]
-                       [--release BUNDLE_DIR [--bad-update K] [--update-at S]]
+                       [--release BUNDLE_DIR [--bad K] [--update-at S] [--rollout PLAN.toml]]
 
 Starts its own Mosquitto, a fleet server (``fleet-server run`` subprocess) and N swtpm-backed
 simulated devices with their agents (:class:`firmware_sim.fleet.FleetHarness`), waits until every
@@ -83,8 +83,13 @@ def register(sub: Any) -> None:
                    help="seconds into the window at which the release is assigned (default a third of it)")
     u.add_argument("--update-deadline", type=float, default=300.0, metavar="S",
                    help="the assignments' deadline; also bounds the wait after the window (default 300)")
-    u.add_argument("--bad-update", type=int, default=0, metavar="K",
-                   help="the first K golden devices boot a patched kernel after installing (they roll back)")
+    u.add_argument("--bad", "--bad-update", dest="bad_update", type=int, default=0, metavar="K",
+                   help="the first K golden devices boot a patched kernel after installing (they roll back; "
+                        "with --rollout they are in the canary)")
+    u.add_argument("--rollout", type=Path, metavar="PLAN.toml",
+                   help="roll the release out in phases with this plan (docs/rollouts.md: canary, phases, "
+                        "abort_failure_percent, min_executed, device_timeout_s, ...) instead of to every "
+                        "golden device at once")
     p.set_defaults(handler=_cmd_fleet)
 
 
@@ -102,6 +107,10 @@ def _summary(report: dict[str, Any]) -> str:
                   f"; model {model['name']}: unlocked on {model['unlocked_devices']} devices, "
                   f"{model['served_total']} requests served, {model['refused_total']} refused")
     update = report.get("update")
+    rollout = report.get("rollout")
+    if rollout is not None:
+        model_text += (f"; rollout {rollout['id']} {rollout['state']}: succeeded per phase "
+                       + " ".join(f"{p['succeeded']}/{p['devices']}" for p in rollout["phases"]))
     if update is not None:
         model_text += (f"; update to {update['version']}: "
                        + (", ".join(f"{n} {s}" for s, n in update["states"].items()) or "not assigned"))
@@ -125,7 +134,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
                          model_name=args.model_name, model_policy=args.model_policy,
                          query_interval=args.query_interval, release=args.release,
                          update_at=args.update_at, update_deadline=args.update_deadline,
-                         bad_update=args.bad_update)
+                         bad_update=args.bad_update, rollout=args.rollout)
     harness = FleetHarness(config, progress=_progress)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -10,7 +10,8 @@ was appraised once more after it; :meth:`ReleaseAtTime.device_reports` gives eac
 
 A different orchestration (a staged rollout) replaces it through the :class:`UpdateDriver` protocol:
 :meth:`FleetHarness.run` calls ``tick`` every second of the window, ``finish`` after it, and the report
-takes ``device_reports()`` and ``summary()``.
+takes ``device_reports()`` and ``summary()`` (its top-level entries).
+:class:`firmware_sim.fleet_rollout.RolloutDriver` is the staged one (``--rollout PLAN.toml``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class UpdateDriver(Protocol):
         """Per assigned device, keys added to its report entry (``update``, ``trust``)."""
 
     def summary(self) -> dict[str, Any]:
-        """The report's top-level ``update`` entry."""
+        """The report's top-level entries (``update``; a rollout's driver adds ``rollout``)."""
 
 
 @dataclass(slots=True)
@@ -175,21 +176,22 @@ class ReleaseAtTime:
                 "trust": {"before": assigned.before, "during": during,
                           "after": rows[device_id].state if device_id in rows else "unknown"},
             }
-        self._states = _count([entry["update"]["state"] for entry in out.values()])
+        self._states = count_states([entry["update"]["state"] for entry in out.values()])
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"target": self.target, "version": self.version,
-                "assigned_at_s": None if self.assigned_at_s is None else round(self.assigned_at_s, 3),
-                "assigned_devices": len(self.assigned), "wait_after_window_s": self.waited_s,
-                "states": dict(self._states)}
+        at_s = None if self.assigned_at_s is None else round(self.assigned_at_s, 3)
+        return {"update": {"target": self.target, "version": self.version, "assigned_at_s": at_s,
+                           "assigned_devices": len(self.assigned), "wait_after_window_s": self.waited_s,
+                           "states": dict(self._states)}}
 
 
-def _count(values: Sequence[str]) -> dict[str, int]:
+def count_states(values: Sequence[str]) -> dict[str, int]:
+    """``{value: how many}``, sorted by value."""
     counts: dict[str, int] = {}
     for value in values:
         counts[str(value)] = counts.get(str(value), 0) + 1
     return dict(sorted(counts.items()))
 
 
-__all__ = ["FINAL_STATES", "ReleaseAtTime", "ReleaseBundle", "UpdateDriver"]
+__all__ = ["FINAL_STATES", "ReleaseAtTime", "ReleaseBundle", "UpdateDriver", "count_states"]

@@ -29,6 +29,7 @@ MODULES: tuple[str, ...] = (
     "unlock_bench",
     "console_bench",
     "update_bench",
+    "rollout_bench",
     "fleet_bench",
 )
 

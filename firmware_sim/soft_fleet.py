@@ -40,13 +40,17 @@ from firmware_sim.manufacturer import ManufacturerCA
 from firmware_sim.soft_hosts import FDS_PER_AGENT, SoftAgentHost, launch_soft_hosts, raise_nofile, read_rss_kb
 from protocol.errors import StorageError
 
-DEFAULT_START_RATE = 200.0
+DEFAULT_START_RATE = 50.0
 """Agents started per second (over all hosts) when ``FleetConfig.start_rate`` is not set."""
 HELD_SLACK_S = 1.0
 """Allowance beyond ``interval + jitter`` for a device to count as held: the scheduler's tick plus the
 attestation's own latency."""
 MAKE_CHUNK = 500
 """Devices per ``make`` command (progress lines between chunks)."""
+MQTT_SETTINGS = {"reconnect_min": "2.0", "reconnect_max": "60.0"}
+"""``[mqtt]`` of the soft devices' ``agent.toml`` instead of the swtpm harness's 0.2 .. 2 s: thousands of
+clients retrying TLS handshakes every two seconds on a loaded host time out their own handshakes and
+never connect (measured at 1000 devices); a wide backoff spreads the retries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,16 @@ class SoftFleetHarness(FleetHarness):
             device.host = soft.host
             soft.host.device_ids.append(device_id)
             self.devices[device_id] = device
+
+    def _write_agent_config(self, device: _Device) -> Path:
+        path = super()._write_agent_config(device)
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            key = line.split("=", 1)[0].strip()
+            if key in MQTT_SETTINGS:
+                lines[i] = f"{key} = {MQTT_SETTINGS[key]}"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
 
     def _start_agents(self) -> None:
         cfg = self.config

@@ -42,7 +42,7 @@ from typing import Any
 from firmware_sim.fleet_agents import AgentHost, _Host
 from protocol.errors import EdgeError, ProcessError
 
-THREAD_STACK = 256 * 1024
+THREAD_STACK = 512 * 1024
 """Stack size of the agents' threads (Python's default is the platform's 8 MiB of address space)."""
 AGENT_POLL = 2.0
 """The agents' main-loop wait (``Agent(poll=...)``): a stop or a new connection is noticed this late."""

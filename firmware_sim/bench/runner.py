@@ -30,6 +30,7 @@ MODULES: tuple[str, ...] = (
     "console_bench",
     "update_bench",
     "fleet_bench",
+    "soft_fleet_bench",
 )
 
 

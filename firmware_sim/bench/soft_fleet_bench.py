@@ -13,8 +13,9 @@ worker, the real agents on :class:`~firmware_sim.soft_tpm.SoftTpm` in :data:`HOS
    largest size whose every device was re-attested within ``interval + jitter`` (+1 s) all through
    the window (0 if none; a size whose devices are not all attested once within
    :data:`SETTLE_TIMEOUT` s after their start is not held).  Each size costs its start
-   (``size / START_RATE`` s, then the first attestation of every device) plus a 67 s window, so ``make bench`` measures only small sizes; set
-   ``SOFT_FLEET_HELD_SIZES=1000,5000,10000`` to measure more by hand.
+   (``size / START_RATE`` s, then the first attestation of every device) plus a 67 s window, so
+   ``make bench`` measures only a small size; set ``SOFT_FLEET_HELD_SIZES=1000,5000,10000`` to
+   measure more by hand.
 
 Everything shares the machine's cores with the server, so the numbers are bounded by the sum of the
 parts' CPU costs (``docs/harness.md``, "The soft-TPM fleet").

@@ -221,13 +221,18 @@ class Agent:
     again after the agent closed a TPM that failed.  Default: a :class:`~agent.tpm.adapter.TpmAdapter`
     on ``[tpm]``'s TCTI with its state in ``state_dir/tpm``.  A simulator passes a software TPM here
     (e.g. ``tpm_factory=lambda: soft_tpm``, see :mod:`firmware_sim.soft_tpm`).
+
+    ``poll`` (default :data:`POLL`) is how long the main loop waits for a message before re-checking
+    the stop flag and the connection: a new connection's ``attest.request`` and a stop wait up to
+    that long.  A host running thousands of agents raises it (each idle wake-up costs CPU).
     """
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, logger: logging.Logger | None = None,
                  rebooter: Rebooter | None = None, target_source: TargetSource | None = None,
-                 tpm_factory: Callable[[], AgentTpm] | None = None) -> None:
+                 tpm_factory: Callable[[], AgentTpm] | None = None, poll: float = POLL) -> None:
         self.config = config
+        self._poll = poll
         self._tpm_factory = tpm_factory or self._open_adapter
         self._clock = clock
         self._rng = rng or random.Random()
@@ -588,7 +593,7 @@ class Agent:
             elif was_connected and not connected:
                 self._log.warning("disconnected", error=client.last_error)
             link_changed, was_connected = connected != was_connected, connected
-            inbound = client.receive(POLL)
+            inbound = client.receive(self._poll)
             if inbound is not None:
                 self._handle(channel, inbound)
             self._reap_publishes()

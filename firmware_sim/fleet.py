@@ -187,10 +187,19 @@ class FleetConfig:
     golden devices through a staged rollout (:mod:`firmware_sim.fleet_rollout`, the ``bad_update``
     devices in its canary) instead of to all of them at once."""
 
+    soft_tpm: bool = False
+    """Devices on :class:`~firmware_sim.soft_tpm.SoftTpm` instead of swtpm (run by
+    :class:`firmware_sim.soft_fleet.SoftFleetHarness`): up to 100000 devices."""
+    start_rate: float | None = None
+    """With ``soft_tpm``: agents started per second, over all hosts (default 200): the staggered start."""
+
     def check(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
-        if not 1 <= self.devices <= 5000:
-            raise ConfigError("devices: must be between 1 and 5000")
+        limit = 100_000 if self.soft_tpm else 5000
+        if not 1 <= self.devices <= limit:
+            raise ConfigError(f"devices: must be between 1 and {limit}")
+        if self.start_rate is not None and not 0.1 <= self.start_rate <= 100_000:
+            raise ConfigError("start_rate: must be between 0.1 and 100000 agents per second")
         if not 0 <= self.tampered <= self.devices:
             raise ConfigError("tampered: must be between 0 and the number of devices")
         get_profile(self.tampered_profile)

@@ -218,6 +218,9 @@ def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_le
 class AgentHost:
     """One agent host process, seen from the harness.  Thread-safe (one command at a time)."""
 
+    entry = staticmethod(host_main)
+    """The host process's entry point (a subclass runs another host, e.g. the soft-TPM one)."""
+
     def __init__(self, index: int, log_path: Path, log_level: str = "warning", *,
                  on_reboot: RebootSink | None = None) -> None:
         self.index = index
@@ -244,7 +247,7 @@ class AgentHost:
         """Start the process (returns at once; the first command waits for it to be ready)."""
         parent, child = self._ctx.Pipe(duplex=True)
         events_in, events_out = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=host_main,
+        proc = self._ctx.Process(target=type(self).entry,
                                  args=(child, str(self.log_path), self.log_level, events_out),
                                  name=f"fleet-agents-{self.index}", daemon=True)
         proc.start()

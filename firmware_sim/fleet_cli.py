@@ -62,6 +62,12 @@ def register(sub: Any) -> None:
     p.add_argument("--settle-timeout", type=float, metavar="S",
                    help="how long devices may take to be attested once (default 60 + 0.5 per device)")
     p.add_argument("--server-log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s = p.add_argument_group("soft-TPM fleet (docs/harness.md, \"The soft-TPM fleet\")")
+    s.add_argument("--soft-tpm", action="store_true",
+                   help="devices on the in-memory soft TPM instead of swtpm (up to 100000 devices; "
+                        "agent processes default to one per CPU)")
+    s.add_argument("--start-rate", type=float, metavar="N",
+                   help="with --soft-tpm: agents started per second, over all processes (default 200)")
     m = p.add_argument_group("protected model (docs/harness.md, \"Model protection\")")
     m.add_argument("--model", type=Path, metavar="FILE.onnx",
                    help="publish this ONNX model, entitle the devices to it, serve it on every agent "
@@ -134,8 +140,14 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
                          model_name=args.model_name, model_policy=args.model_policy,
                          query_interval=args.query_interval, release=args.release,
                          update_at=args.update_at, update_deadline=args.update_deadline,
-                         bad_update=args.bad_update, rollout=args.rollout)
-    harness = FleetHarness(config, progress=_progress)
+                         bad_update=args.bad_update, rollout=args.rollout, soft_tpm=args.soft_tpm,
+                         start_rate=args.start_rate)
+    if args.soft_tpm:
+        from firmware_sim.soft_fleet import SoftFleetHarness
+
+        harness: FleetHarness = SoftFleetHarness(config, progress=_progress)
+    else:
+        harness = FleetHarness(config, progress=_progress)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         # Only a flag: the harness checks it between steps and in every wait.
@@ -168,6 +180,10 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         else:
             print(text)
             _progress(_summary(report))
+        if "soft_tpm" in report:
+            from firmware_sim.soft_fleet import held_summary
+
+            _progress(held_summary(report))
         if harness.model_load_errors:  # the report is written; the run failed, and says why
             raise HarnessError(harness.model_load_message())
         return 130 if measurement.interrupted else 0

@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "update_bench",
     "rollout_bench",
     "fleet_bench",
+    "soft_fleet_bench",
 )
 
 

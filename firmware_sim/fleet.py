@@ -198,6 +198,8 @@ class FleetConfig:
         limit = 100_000 if self.soft_tpm else 5000
         if not 1 <= self.devices <= limit:
             raise ConfigError(f"devices: must be between 1 and {limit}")
+        if self.soft_tpm and (self.release is not None or self.rollout is not None):
+            raise ConfigError("soft_tpm: soft-TPM devices have no A/B slots (--release/--rollout need swtpm)")
         if self.start_rate is not None and not 0.1 <= self.start_rate <= 100_000:
             raise ConfigError("start_rate: must be between 0.1 and 100000 agents per second")
         if not 0 <= self.tampered <= self.devices:

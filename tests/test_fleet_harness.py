@@ -335,6 +335,7 @@ def test_bad_arguments_are_one_line_errors_and_start_nothing(tmp_path: Path,
         (["--devices", "2", "--release", str(tmp_path / "absent"), "--duration", "1"], "absent"),
         (["--devices", "2", "--release", str(tmp_path), "--duration", "1"], "release.json"),
         (["--devices", "2", "--bad-update", "1", "--duration", "1"], "bad_update"),
+        (["--devices", "2", "--soft-tpm", "--release", str(tmp_path), "--duration", "1"], "no A/B slots"),
         (["--devices", "2", "--release", str(tmp_path), "--update-at", "5", "--duration", "1"], "update_at"),
         (["--devices", "2", "--tampered", "2", "--bad-update", "1", "--duration", "1"], "bad_update"),
     ]

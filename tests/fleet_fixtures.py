@@ -87,13 +87,17 @@ class _Operator(threading.Thread):
             self.error = exc
 
 
-def run_rollout(config: FleetConfig, steps: Sequence[Step] = ()) -> Run:
-    """Start the fleet, measure its window (the driver creates the rollout) while the operator runs
-    ``steps`` in order, wait for the rollout to end, stop everything; every step must have run."""
+def run_rollout(config: FleetConfig, steps: Sequence[Step] = (), *,
+                before: Callable[[FleetHarness], None] | None = None) -> Run:
+    """Start the fleet (then run ``before(harness)``), measure its window (the driver creates the
+    rollout) while the operator runs ``steps`` in order, wait for the rollout to end, stop
+    everything; every step must have run."""
     harness = FleetHarness(config)
     operator = _Operator(harness, steps)
     try:
         harness.start()
+        if before is not None:
+            before(harness)
         operator.start()
         measurement = harness.run()
         operator.stop.set()

@@ -65,8 +65,11 @@ def _assert_all_updated(run: Run) -> None:
         assert (update["state"], update["version_after"]) == ("succeeded", "1.3.0"), device
 
 
-def _committed(harness: FleetHarness, assignment_id: str) -> bool:
-    return harness.assignments(TARGET).get(assignment_id, {}).get("state") == "committed"
+def _committed_and_appraised(harness: FleetHarness, device_id: str, assignment_id: str) -> bool:
+    """The assignment committed and the device was appraised after (on the release)."""
+    found = harness.assignments(TARGET).get(assignment_id, {})
+    return found.get("state") == "committed" and \
+        harness.last_appraisals([device_id]).get(device_id, 0) > int(found["updated_at"])
 
 
 def test_a_paused_rollout_assigns_nothing_until_it_is_resumed_then_completes(tmp_path: Path) -> None:
@@ -79,8 +82,9 @@ def test_a_paused_rollout_assigns_nothing_until_it_is_resumed_then_completes(tmp
         seen["at_pause"] = harness.rollout(rid)
         canary = next(m for m in seen["at_pause"]["members"] if m["phase"] == 0)
         # The canary goes on updating; a running rollout would assign phase 1 once it succeeded.
-        harness.wait_for(lambda: _committed(harness, str(canary["assignment_id"])),
-                         "the canary to commit", 120)
+        harness.wait_for(lambda: _committed_and_appraised(harness, canary["device_id"],
+                                                          str(canary["assignment_id"])),
+                         "the canary to commit and be appraised", 120)
         time.sleep(HOLD_S)
         seen["before_resume"] = harness.rollout(rid)
         seen["resume_ms"] = now_ms()

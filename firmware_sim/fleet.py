@@ -138,6 +138,9 @@ class FleetConfig:
     """``server.batch_linger``; default the server's own."""
     batch_size: int | None = None
     server_workers: int = 1
+    database_url: str | None = None
+    """The server's ``server.database_url`` (an SQLAlchemy URL of an empty database, e.g. PostgreSQL's
+    for several ``server_workers``); default SQLite in the server's data folder."""
     agent_processes: int | None = None
     """Agent host processes; default one per 16 devices, at most two per CPU (each host runs its
     agents' threads under one GIL: with one host per CPU, contention for it costs more CPU than a
@@ -215,6 +218,8 @@ class FleetConfig:
             raise ConfigError("challenge_timeout: must be between 0.5 and 3600 seconds")
         if not 1 <= self.server_workers <= 64:
             raise ConfigError("server_workers: must be between 1 and 64")
+        if self.database_url is not None and "://" not in self.database_url:
+            raise ConfigError("database_url: expected an SQLAlchemy URL such as postgresql+psycopg://...")
         if self.agent_processes is not None and not 1 <= self.agent_processes <= 256:
             raise ConfigError("agent_processes: must be between 1 and 256")
         if self.batch_linger is not None and not 0 <= self.batch_linger <= 1:
@@ -575,8 +580,10 @@ class FleetHarness:
         from fleet_server.cli import main as fleet_server
 
         self._progress("fleet-server init")
-        _run_cli(fleet_server, ["init", "--data-dir", str(self.data_dir), "--trust-bundle", str(ca.bundle)],
-                 "fleet-server init")
+        argv = ["init", "--data-dir", str(self.data_dir), "--trust-bundle", str(ca.bundle)]
+        if self.config.database_url is not None:
+            argv += ["--database-url", self.config.database_url]
+        _run_cli(fleet_server, argv, "fleet-server init")
 
     def _init_updates(self) -> None:
         """Create the update repository and export the root the devices are provisioned with."""
@@ -607,6 +614,7 @@ class FleetHarness:
             "[server]",
             f"data_dir = {_toml_str(str(self.data_dir))}",
             f"workers = {cfg.server_workers}",
+            *([f"database_url = {_toml_str(cfg.database_url)}"] if cfg.database_url is not None else []),
             f"log_level = {_toml_str(cfg.server_log_level)}",
         ]
         if cfg.batch_linger is not None:
@@ -983,6 +991,16 @@ class FleetHarness:
             argv += ["--device", device_id]
         out: dict[str, Any] = json.loads(_run_cli(fleet_server, argv, "fleet-server rollout create"))
         return out
+
+    def rollout_operation(self, operation: str, rollout_id: str) -> str:
+        """``fleet-server rollout pause|resume|cancel|abort ID`` (what an operator runs during a
+        rollout); its output line."""
+        from fleet_server.cli import main as fleet_server
+
+        if operation not in ("pause", "resume", "cancel", "abort"):
+            raise HarnessError(f"no rollout operation {operation!r}")
+        argv = ["rollout", operation, rollout_id, "--config", str(self.server_config)]
+        return _run_cli(fleet_server, argv, f"fleet-server rollout {operation}").strip()
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         """A rollout as ``fleet-server rollout show ID --json`` prints it (state, phases, members),

@@ -16,19 +16,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from firmware_sim.cli import main as firmware_sim
-from firmware_sim.fleet import FleetConfig, FleetHarness
-from firmware_sim.fleet_rollout import RolloutDriver, canary_for
-from fleet_server.config import load_config
-from fleet_server.rollouts.plan import parse_plan
-from fleet_server.storage.db import create_engine
-from fleet_server.storage.repo import Repository
+pytest.register_assert_rewrite("fleet_fixtures")
+
+from fleet_fixtures import TARGET, Step, build_bundle, run_rollout  # noqa: E402
+
+from firmware_sim.cli import main as firmware_sim  # noqa: E402
+from firmware_sim.fleet import FleetConfig, FleetHarness  # noqa: E402
+from firmware_sim.fleet_rollout import canary_for  # noqa: E402
+from fleet_server.config import load_config  # noqa: E402
+from fleet_server.rollouts.plan import parse_plan  # noqa: E402
+from fleet_server.storage.db import create_engine  # noqa: E402
+from fleet_server.storage.repo import Repository  # noqa: E402
 
 PLAN = """\
 canary = 1
@@ -39,13 +42,6 @@ device_timeout_s = 120
 """
 UPDATE_KEYS = {"from", "to", "state", "reason", "phase", "attempts", "assignment_state", "version_after",
                "trial_tamper"}
-TARGET = "firmware/edge-camera/1.3.0.fwb"
-
-
-def _bundle(tmp_path: Path) -> Path:
-    bundle = tmp_path / "bundle-1.3.0"
-    assert firmware_sim(["release", "build", str(bundle), "--from", "golden", "--version", "1.3.0"]) == 0
-    return bundle
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict[str, Any], Repository]:
@@ -54,7 +50,7 @@ def _run(tmp_path: Path, *args: str) -> tuple[dict[str, Any], Repository]:
     plan.write_text(PLAN)
     workdir, report_path = tmp_path / "work", tmp_path / "report.json"
     cmd = [sys.executable, "-m", "firmware_sim.cli", "fleet", "--workdir", str(workdir), "--keep",
-           "--devices", "4", "--release", str(_bundle(tmp_path)), "--rollout", str(plan), *args,
+           "--devices", "4", "--release", str(build_bundle(tmp_path)), "--rollout", str(plan), *args,
            "--interval", "1", "--duration", "2", "--update-at", "0", "--report", str(report_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, check=False)
     assert res.returncode == 0, res.stderr
@@ -135,7 +131,7 @@ def test_a_canary_that_boots_a_wrong_image_aborts_the_rollout_with_the_rest_unto
 
 def test_plan_and_option_errors_are_one_line_and_start_nothing(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    bundle = _bundle(tmp_path)
+    bundle = build_bundle(tmp_path)
     plans = {"unknown.toml": "canary = 1\nspeed = 3\n", "broken.toml": "canary = [\n",
              "negative.toml": "phases = [50, 20]\n", "good.toml": PLAN}
     for name, text in plans.items():
@@ -181,39 +177,21 @@ def test_a_device_offline_when_its_phase_is_assigned_times_out_and_is_assigned_a
     plan = tmp_path / "plan.toml"
     plan.write_text('canary = 0\ncanary_devices = ["dev-000"]\nphases = [100]\nretries = 1\n'
                     "device_timeout_s = 30\nabort_failure_percent = 50\n")
-    config = FleetConfig(devices=3, interval=1.0, duration=1.0, update_at=0.0, release=_bundle(tmp_path),
+    config = FleetConfig(devices=3, interval=1.0, duration=1.0, update_at=0.0, release=build_bundle(tmp_path),
                          rollout=plan, update_deadline=240.0, workdir=tmp_path / "work")
     offline = "dev-001"
-    harness = FleetHarness(config)
     seen: list[tuple[str, int]] = []
-    stop = threading.Event()
 
-    def bring_back() -> None:  # once its first assignment was sent (and lost), start its agent again
-        driver = harness.update_driver
-        assert isinstance(driver, RolloutDriver)
-        while not stop.is_set():
-            if driver.rollout_id is not None:
-                members = harness.rollout(driver.rollout_id)["members"]
-                member = next(m for m in members if m["device_id"] == offline)
-                if member["state"] == "assigned":
-                    seen.append((member["state"], member["attempts"]))
-                    harness.start_agent(offline)
-                    return
-            stop.wait(0.2)
+    def bring_back(harness: FleetHarness, view: dict[str, Any]) -> None:  # its assignment was lost
+        member = next(m for m in view["members"] if m["device_id"] == offline)
+        seen.append((member["state"], member["attempts"]))
+        harness.start_agent(offline)
 
-    try:
-        harness.start()
-        harness.stop_agent(offline)
-        helper = threading.Thread(target=bring_back, daemon=True)
-        helper.start()
-        measurement = harness.run()
-        stop.set()
-        helper.join(10)
-        harness.stop()
-        report = harness.report(measurement)
-    finally:
-        stop.set()
-        harness.close()
+    def assigned(view: dict[str, Any]) -> bool:
+        return any(m["device_id"] == offline and m["state"] == "assigned" for m in view["members"])
+
+    report = run_rollout(config, [Step(assigned, bring_back)],
+                         before=lambda harness: harness.stop_agent(offline)).report
     assert seen == [("assigned", 1)]
     rollout = report["rollout"]
     assert rollout["state"] == "completed", rollout

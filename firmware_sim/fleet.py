@@ -137,6 +137,9 @@ class FleetConfig:
     """``server.batch_linger``; default the server's own."""
     batch_size: int | None = None
     server_workers: int = 1
+    database_url: str | None = None
+    """``server.database_url`` (e.g. a PostgreSQL database shared by several workers); default the
+    SQLite file ``fleet-server init`` made. The harness migrates it when it writes ``server.toml``."""
     agent_processes: int | None = None
     """Agent host processes; default one per 16 devices, at most two per CPU (each host runs its
     agents' threads under one GIL: with one host per CPU, contention for it costs more CPU than a
@@ -586,6 +589,8 @@ class FleetHarness:
             f"workers = {cfg.server_workers}",
             f"log_level = {_toml_str(cfg.server_log_level)}",
         ]
+        if cfg.database_url is not None:
+            lines.append(f"database_url = {_toml_str(cfg.database_url)}")
         if cfg.batch_linger is not None:
             lines.append(f"batch_linger = {cfg.batch_linger!r}")
         if cfg.batch_size is not None:
@@ -615,7 +620,16 @@ class FleetHarness:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        load_config(path)  # refuse now what the server would refuse at start
+        config = load_config(path)  # refuse now what the server would refuse at start
+        if cfg.database_url is not None:  # `fleet-server init` migrated only its own SQLite file
+            from fleet_server.migrations import upgrade
+            from fleet_server.storage.db import create_engine
+
+            engine = create_engine(config.database_url)
+            try:
+                upgrade(engine)
+            finally:
+                engine.dispose()
 
     def _device_plan(self) -> list[tuple[str, Profile]]:
         cfg = self.config

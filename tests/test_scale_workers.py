@@ -175,7 +175,7 @@ def test_workers_share_the_fleet_every_device_attested_every_round_once(
         if workers > 1:  # the load is shared: more than one worker handles evidence (counters are
             # flushed every few seconds)
             fleet.wait_for(lambda: len(_rows(fleet, "SELECT worker FROM counter WHERE value > 0 AND "
-                                                    "name = 'received.attest.evidence'")) >= 2,
+                                                    "name = 'received.evidence'")) >= 2,
                            "evidence handled by two workers", WAIT)
         _assert_no_traceback(fleet)
 

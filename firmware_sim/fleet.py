@@ -138,7 +138,7 @@ class FleetConfig:
     batch_size: int | None = None
     server_workers: int = 1
     database_url: str | None = None
-    """``server.database_url`` (e.g. a PostgreSQL database shared by several workers); default the
+    """``server.database_url``, an empty database (e.g. PostgreSQL, shared by the workers); default the
     SQLite file ``fleet-server init`` made. The harness migrates it when it writes ``server.toml``."""
     agent_processes: int | None = None
     """Agent host processes; default one per 16 devices, at most two per CPU (each host runs its
@@ -202,6 +202,9 @@ class FleetConfig:
             raise ConfigError("challenge_timeout: must be between 0.5 and 3600 seconds")
         if not 1 <= self.server_workers <= 64:
             raise ConfigError("server_workers: must be between 1 and 64")
+        if self.database_url is not None and "://" not in self.database_url:
+            raise ConfigError("database_url: expected an SQLAlchemy URL such as "
+                              "postgresql+psycopg://user@host/fleet")
         if self.agent_processes is not None and not 1 <= self.agent_processes <= 256:
             raise ConfigError("agent_processes: must be between 1 and 256")
         if self.batch_linger is not None and not 0 <= self.batch_linger <= 1:

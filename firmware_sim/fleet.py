@@ -140,7 +140,8 @@ class FleetConfig:
     server_workers: int = 1
     database_url: str | None = None
     """The server's ``server.database_url`` (an SQLAlchemy URL of an empty database, e.g. PostgreSQL's
-    for several ``server_workers``); default SQLite in the server's data folder."""
+    for several ``server_workers``); default SQLite in the server's data folder. The harness migrates
+    it when it writes ``server.toml``."""
     agent_processes: int | None = None
     """Agent host processes; default one per 16 devices, at most two per CPU (each host runs its
     agents' threads under one GIL: with one host per CPU, contention for it costs more CPU than a
@@ -646,7 +647,16 @@ class FleetHarness:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        load_config(path)  # refuse now what the server would refuse at start
+        config = load_config(path)  # refuse now what the server would refuse at start
+        if cfg.database_url is not None:  # idempotent: at the newest revision already if init migrated it
+            from fleet_server.migrations import upgrade
+            from fleet_server.storage.db import create_engine
+
+            engine = create_engine(config.database_url)
+            try:
+                upgrade(engine)
+            finally:
+                engine.dispose()
 
     def _device_plan(self) -> list[tuple[str, Profile]]:
         cfg = self.config

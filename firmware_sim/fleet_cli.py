@@ -57,6 +57,9 @@ def register(sub: Any) -> None:
                    help="server.batch_linger (default the server's)")
     p.add_argument("--server-workers", type=int, default=1, metavar="N",
                    help="worker processes of the fleet server (default 1)")
+    p.add_argument("--database-url", metavar="URL",
+                   help="the server's database, empty, e.g. postgresql+psycopg://user@host/db "
+                        "(default a SQLite file in the workspace)")
     p.add_argument("--agent-processes", type=int, metavar="N",
                    help="processes hosting the agents (default one per 16 devices, at most two per CPU)")
     p.add_argument("--settle-timeout", type=float, metavar="S",
@@ -135,6 +138,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
                          interval=args.interval, duration=args.duration, workdir=args.workdir, keep=args.keep,
                          jitter=args.jitter, challenge_timeout=args.challenge_timeout,
                          batch_linger=args.batch_linger, server_workers=args.server_workers,
+                         database_url=args.database_url,
                          agent_processes=args.agent_processes, settle_timeout=args.settle_timeout,
                          server_log_level=args.server_log_level, model=args.model, queries=args.queries,
                          model_name=args.model_name, model_policy=args.model_policy,

@@ -366,7 +366,8 @@ def test_config_defaults_follow_the_interval_and_fleet_size() -> None:
     assert FleetConfig(devices=3).effective_agent_processes == 1
     assert FleetConfig(devices=10, agent_processes=50).effective_agent_processes == 10
     for bad in (dict(devices=0), dict(tampered=-1), dict(interval=0.0), dict(duration=0.0),
-                dict(server_workers=0), dict(device_prefix="Bad_Prefix"), dict(batch_linger=2.0)):
+                dict(server_workers=0), dict(device_prefix="Bad_Prefix"), dict(batch_linger=2.0),
+                dict(database_url="fleet.db")):
         with pytest.raises(ConfigError):
             FleetConfig(**bad).check()  # type: ignore[arg-type]
 

@@ -39,7 +39,7 @@ import multiprocessing
 import multiprocessing.connection
 import signal
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,11 +169,25 @@ def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_le
               events: multiprocessing.connection.Connection | None = None) -> None:
     """Entry point of an agent host process (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    host = _Host(events)
+    serve_host(conn, log_path, log_level, host, {"start": lambda arg: host.start(arg)}, events)
+
+
+HostCommand = Callable[[Any], Any]
+
+
+def serve_host(conn: multiprocessing.connection.Connection, log_path: str, log_level: str, host: _Host,
+               commands: dict[str, HostCommand],
+               events: multiprocessing.connection.Connection | None) -> None:
+    """The command loop of a host process: ``commands`` plus ``stop``, ``status`` and ``exit``.
+
+    Every command is answered ``(True, reply)`` or ``(False, one-line reason)``; no bad command ends
+    the host. When the harness goes away (the pipe closes) every agent is stopped.
+    """
     from agent.log import configure_logging
 
     stream = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
     configure_logging(log_level, "kv", stream)
-    host = _Host(events)
     try:
         while True:
             try:
@@ -181,12 +195,11 @@ def host_main(conn: multiprocessing.connection.Connection, log_path: str, log_le
             except (EOFError, OSError):  # the harness is gone: stop everything and leave
                 break
             try:
-                if command == "start":
-                    host.start(arg)
-                    reply: Any = None
+                reply: Any = None
+                if command in commands:
+                    reply = commands[command](arg)
                 elif command == "stop":
                     host.stop(arg)
-                    reply = None
                 elif command == "status":
                     reply = host.status()
                 elif command == "exit":

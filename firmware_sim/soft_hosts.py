@@ -37,10 +37,9 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from firmware_sim.fleet_agents import AgentHost, _Host
-from protocol.errors import EdgeError, ProcessError
+from firmware_sim.fleet_agents import AgentHost, _Host, serve_host
+from protocol.errors import ProcessError
 
 THREAD_STACK = 512 * 1024
 """Stack size of the agents' threads (Python's default is the platform's 8 MiB of address space)."""
@@ -138,50 +137,11 @@ def soft_host_main(conn: multiprocessing.connection.Connection, log_path: str, l
                    events: multiprocessing.connection.Connection | None = None) -> None:
     """Entry point of a soft agent host process (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from agent.log import configure_logging
-
     threading.stack_size(THREAD_STACK)
     raise_nofile(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-    stream = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
-    configure_logging(log_level, "kv", stream)
     host = _SoftHost(events)
-    try:
-        while True:
-            try:
-                command, arg = conn.recv()
-            except (EOFError, OSError):  # the harness is gone: stop everything and leave
-                break
-            try:
-                reply: Any = None
-                if command == "make":
-                    reply = host.make(*arg)
-                elif command == "start":
-                    host.start_soft(*arg)
-                elif command == "stop":
-                    host.stop(arg)
-                elif command == "status":
-                    reply = host.status()
-                elif command == "exit":
-                    host.stop(None)
-                    conn.send((True, None))
-                    break
-                else:
-                    raise ProcessError(f"unknown soft agent host command {command!r}")
-            except EdgeError as exc:
-                conn.send((False, exc.diagnostics()))
-                continue
-            except Exception as exc:  # never let one bad command end the host
-                conn.send((False, f"{type(exc).__name__}: {exc}"))
-                continue
-            conn.send((True, reply))
-    finally:
-        host.stop(None)
-        with contextlib.suppress(OSError):
-            conn.close()
-        if events is not None:
-            with contextlib.suppress(OSError):
-                events.close()
-        stream.close()
+    serve_host(conn, log_path, log_level, host,
+               {"make": lambda arg: host.make(*arg), "start": lambda arg: host.start_soft(*arg)}, events)
 
 
 class SoftAgentHost(AgentHost):

@@ -8,7 +8,14 @@ import hashlib
 import pytest
 
 from fleet_server.storage.models import DeviceState
-from fleet_server.storage.repo import NewAttestation, NewChallenge, NewDevice, Repository
+from fleet_server.storage.repo import (
+    NewAttestation,
+    NewChallenge,
+    NewDevice,
+    Repository,
+    selection_from_text,
+    selection_json,
+)
 from protocol.errors import StorageError
 
 pytest.register_assert_rewrite("server_fixtures")
@@ -98,3 +105,14 @@ def test_database_failures_are_storage_errors(repo: Repository) -> None:
         _device(repo, "d2")  # duplicate primary key
     text = exc.value.diagnostics()
     assert text.startswith("database error while writing: ") and "\n" not in text
+
+
+def test_selection_text_parse_is_cached_but_each_caller_gets_its_own_dict(repo: Repository) -> None:
+    # (pure; ``repo`` only because this module runs every test on both databases)
+    text = selection_json({"sha256": (7, 0, 1), "sha1": (0,)})
+    first = selection_from_text(text)
+    assert first == {"sha256": (0, 1, 7), "sha1": (0,)}
+    first["sha256"] = (9,)
+    del first["sha1"]
+    assert selection_from_text(text) == {"sha256": (0, 1, 7), "sha1": (0,)}
+    assert selection_from_text('{"sha384": [16]}') == {"sha384": (16,)}

@@ -4,6 +4,7 @@ make a device unreachable and good evidence brings it back."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 
@@ -195,3 +196,26 @@ def test_expiry_runs_at_most_once_per_expire_period_whatever_the_tick(
         scheduler.run_once()
         clock.advance(100)
     assert [t - start for t in calls] == [0, EXPIRE_PERIOD_MS, 2 * EXPIRE_PERIOD_MS]
+
+
+def test_a_device_still_answering_keeps_its_fresh_challenge_a_stale_one_is_replaced(
+        ctx: ServiceContext, repo: Repository, signer: ResultSigner, clock: ManualClock) -> None:
+    # An interval shorter than the challenge timeout (a saturated fleet): a due device whose newest
+    # open challenge has more than half its time left keeps it (one narrow query of open deadlines).
+    fast = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, interval=2.0, jitter=0.0))
+    scheduler = Scheduler(fast, repo, Counters())
+    now = clock.now_ms()
+    [device_id] = _add_devices(repo, 1, next_at=now)
+    assert _challenged(scheduler.run_once()[1], signer) == [device_id]
+    [first] = repo.open_challenges(device_id)
+    clock.advance(2_000)  # due again, 8 s of the 10 s left: still answering
+    result, out = scheduler.run_once()
+    assert (result.challenged, out) == (0, [])
+    assert [c.id for c in repo.open_challenges(device_id)] == [first.id]
+    clock.advance(4_000)  # due again, 4 s left: replaced
+    assert _challenged(scheduler.run_once()[1], signer) == [device_id]
+    [second] = repo.open_challenges(device_id)
+    assert second.id != first.id and second.deadline == clock.now_ms() + 10_000
+    with repo.write() as tx:
+        assert tx.open_challenge_deadlines([device_id, "unknown"]) == {device_id: second.deadline}
+        assert tx.open_challenge_deadlines([]) == {}

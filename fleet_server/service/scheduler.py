@@ -153,8 +153,8 @@ class Scheduler:
         if not device_ids or settings.interval_ms >= settings.challenge_timeout_ms:
             return set()
         half = settings.challenge_timeout_ms // 2
-        return {c.device_id for c in tx.hello_contexts(device_ids).values()
-                if (open_ := c.open_challenge) is not None and open_.deadline - now >= half}
+        return {device_id for device_id, deadline in tx.open_challenge_deadlines(device_ids).items()
+                if deadline - now >= half}
 
     # -- missed challenges -------------------------------------------------------------------------
     def _expire(self, now: int) -> tuple[int, list[str]]:

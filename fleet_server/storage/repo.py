@@ -25,6 +25,7 @@ Database failures are converted to :class:`~protocol.errors.StorageError` (one l
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -111,8 +112,14 @@ def selection_json(selection: Mapping[str, Iterable[int]]) -> str:
 
 
 def selection_from_text(text: str) -> dict[str, tuple[int, ...]]:
-    """Inverse of :func:`selection_json` (trusted input: written by this module)."""
-    return {bank: tuple(pcrs) for bank, pcrs in json.loads(text).items()}
+    """Inverse of :func:`selection_json` (trusted input: written by this module). A new dict on each
+    call; the parse is cached by text (a fleet has a few selections, read for every challenge)."""
+    return dict(_parsed_selection(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_selection(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((bank, tuple(pcrs)) for bank, pcrs in json.loads(text).items())
 
 
 def pcrs_json(values: Mapping[str, Mapping[int, bytes]]) -> str:
@@ -572,6 +579,11 @@ def _hello_devices_query(binds: list[Any]) -> Any:
     return select(*_HELLO_DEVICE_COLUMNS).where(d.id.in_(binds)).with_for_update()
 
 
+def _open_deadlines_query(binds: list[Any]) -> Any:
+    return (select(c.device_id, c.deadline)
+            .where(c.device_id.in_(binds), c.status == literal_column("'open'")).order_by(c.issued_at))
+
+
 def _open_challenges_query(binds: list[Any]) -> Any:
     return (select(*_CHALLENGE_COLUMNS)
             .where(c.device_id.in_(binds), c.status == literal_column("'open'")).order_by(c.issued_at))
@@ -763,6 +775,14 @@ class Tx:
                                    held_log_size=int(r[7] or 0), held_log_sha256=_opt_bytes(r[8]),
                                    open_challenge=newest.get(r[0]))
                 for r in _in_rows(self.conn, "hello-devices", _hello_devices_query, ids)}
+
+    def open_challenge_deadlines(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """The deadline of the newest open challenge of each device of ``device_ids`` that has one
+        (one narrow query: the scheduler's check for devices still answering)."""
+        ids = sorted(set(device_ids))
+        if not ids:
+            return {}
+        return {r[0]: r[1] for r in _in_rows(self.conn, "open-deadlines", _open_deadlines_query, ids)}
 
     def hello_context(self, device_id: str) -> HelloContext | None:
         """The device and its newest open challenge, locked (``attest.request``)."""

@@ -349,6 +349,12 @@ def launch_hosts(count: int, log_dir: Path, log_level: str, *,
     ``on_reboot(device_id, reason)`` receives their agents' reboot requests."""
     hosts = [AgentHost(i, log_dir / f"agents-{i}.log", log_level, on_reboot=on_reboot)
              for i in range(count)]
+    launch_all(hosts)
+    return hosts
+
+
+def launch_all(hosts: Sequence[AgentHost]) -> None:
+    """Spawn ``hosts`` with SIGINT ignored meanwhile (when called on the main thread)."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         # A spawned interpreter that starts with SIGINT ignored installs no KeyboardInterrupt
@@ -360,7 +366,6 @@ def launch_hosts(count: int, log_dir: Path, log_level: str, *,
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return hosts
 
 
-__all__ = ["AgentHost", "AgentSnapshot", "host_main", "launch_hosts"]
+__all__ = ["AgentHost", "AgentSnapshot", "host_main", "launch_all", "launch_hosts", "serve_host"]

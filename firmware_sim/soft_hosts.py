@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from firmware_sim.fleet_agents import AgentHost, _Host, serve_host
+from firmware_sim.fleet_agents import AgentHost, _Host, launch_all, serve_host
 from protocol.errors import ProcessError
 
 THREAD_STACK = 512 * 1024
@@ -178,15 +178,7 @@ def launch_soft_hosts(count: int, log_dir: Path, log_level: str) -> list[SoftAge
     """Start ``count`` soft hosts with SIGINT ignored while they spawn (as
     :func:`firmware_sim.fleet_agents.launch_hosts`)."""
     hosts = [SoftAgentHost(i, log_dir / f"soft-agents-{i}.log", log_level) for i in range(count)]
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        for host in hosts:
-            host.launch()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    launch_all(hosts)
     return hosts
 
 
